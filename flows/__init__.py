@@ -1,0 +1,1 @@
+"""Prefect flows (thin composition) and the `dspyflow` command."""

@@ -1,0 +1,99 @@
+"""The shared typer app and output helpers every command module uses."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from enum import Enum
+from typing import Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    name="dspyflow",
+    help="Run DSPy prompt optimization as Prefect flows and query the results.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+
+class OutputFormat(str, Enum):
+    table = "table"
+    json = "json"
+    csv = "csv"
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    """One clear line on stderr and a non-zero exit."""
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+@contextmanager
+def user_errors(*kinds: type[BaseException]) -> Iterator[None]:
+    """Turn expected errors (bad input, unreachable database, ...) into `fail`."""
+    from pydantic import ValidationError
+
+    from storage.db import StorageError
+
+    try:
+        yield
+    except ValidationError as exc:
+        fail("; ".join(_format_validation_error(e) for e in exc.errors()))
+    except (StorageError, LookupError, ValueError, *kinds) as exc:
+        fail(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+
+
+def _format_validation_error(err: Any) -> str:
+    loc = ".".join(str(p) for p in err.get("loc", ()) if p != "__root__")
+    msg = err.get("msg", "invalid")
+    return f"{loc}: {msg}" if loc else msg
+
+
+def emit_rows(
+    rows: Sequence[dict[str, Any]],
+    fmt: OutputFormat,
+    *,
+    columns: Sequence[str] | None = None,
+    title: str | None = None,
+    formatters: dict[str, Callable[[Any], str]] | None = None,
+) -> None:
+    """Print rows as a rich table, a JSON array or CSV (machines get full precision)."""
+    columns = list(columns or (rows[0].keys() if rows else []))
+    if fmt is OutputFormat.json:
+        sys.stdout.write(json.dumps(list(rows), default=str, indent=2) + "\n")
+        return
+    if fmt is OutputFormat.csv:
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: "" if row.get(k) is None else row.get(k) for k in columns})
+        sys.stdout.write(buf.getvalue())
+        return
+    formatters = formatters or {}
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*(_cell(row.get(c), formatters.get(c)) for c in columns))
+    console.print(table)
+
+
+def _cell(value: Any, formatter: Callable[[Any], str] | None) -> str:
+    if value is None:
+        return "-"
+    if formatter is not None:
+        return formatter(value)
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)

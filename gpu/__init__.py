@@ -1,0 +1,1 @@
+"""GPU tensor operations, device and memory management, benchmarks (torch only, no Prefect)."""

@@ -1,0 +1,1 @@
+"""Results database: SQLAlchemy 2.0 models, engine/session setup and the repository (all SQL)."""
