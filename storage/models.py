@@ -32,7 +32,7 @@ class Base(DeclarativeBase):
     type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
 
 
-class RunState(str, enum.Enum):
+class RunState(enum.StrEnum):
     """Life cycle of an optimization run. The last four are terminal."""
 
     queued = "queued"
