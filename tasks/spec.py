@@ -1,0 +1,127 @@
+"""Cycle specs: the pydantic models shared by the CLI, Prefect flow parameters and Python
+callers. Bad input fails here, naming the field, before anything is written."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Budget = Literal["light", "medium", "heavy"]
+
+# Optimizers behind the one interface in tasks/optimizers (names only: no dspy import here).
+KNOWN_OPTIMIZERS = ("mipro", "gepa", "genetic")
+DEFAULT_TIME_BUDGET_S = 7200.0
+
+
+class LMSpec(BaseModel):
+    """Which LM a cycle uses: `local`, `sim`, or any `dspy.LM` model string."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(
+        "local",
+        description="`local` (SmolLM2 in-process), `sim` (simulated, for capacity and fault "
+        "tests), or a dspy.LM model string such as `openai/gpt-4o-mini`.",
+    )
+    api_base: str | None = Field(None, description="OpenAI-compatible server, e.g. vLLM.")
+    api_key_env: str | None = Field(
+        None, description="Name of the environment variable that holds the API key."
+    )
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    max_tokens: int = Field(512, gt=0)
+    num_retries: int = Field(4, ge=0, description="Retries of transient LM errors.")
+    cache: bool = Field(False, description="DSPy's response cache (remote LMs only).")
+    price_per_1k_input_usd: float | None = Field(None, ge=0)
+    price_per_1k_output_usd: float | None = Field(None, ge=0)
+    seed: int = 0
+    # The simulated provider: latency, faults, and accuracy that depends on the prompt.
+    sim_latency_ms: float = Field(0.0, ge=0.0, description="Median latency (log-normal).")
+    sim_latency_sigma: float = Field(0.5, ge=0.0)
+    sim_error_rate: float = Field(0.0, ge=0.0, le=1.0, description="Transient 429/503 rate.")
+    sim_permanent_error_rate: float = Field(0.0, ge=0.0, le=1.0)
+    sim_base_accuracy: float = Field(0.3, ge=0.0, le=1.0)
+    sim_demo_bonus: float = Field(0.06, ge=0.0, le=1.0)
+    sim_instruction_bonus: float = Field(0.3, ge=0.0, le=1.0)
+    sim_max_accuracy: float = Field(0.95, ge=0.0, le=1.0)
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, value: str) -> str:
+        value = value.strip()
+        if value in ("local", "sim"):
+            return value
+        provider, _, name = value.partition("/")
+        if not provider or not name:
+            raise ValueError(
+                f"unknown LM {value!r}: use `local`, `sim`, or a provider/model string "
+                "such as `openai/gpt-4o-mini`"
+            )
+        return value
+
+    @property
+    def provider(self) -> str:
+        return self.model if self.model in ("local", "sim") else "remote"
+
+    def resolved_api_key(self) -> str | None:
+        if self.api_key_env:
+            key = os.environ.get(self.api_key_env)
+            if not key:
+                raise ValueError(
+                    f"lm.api_key_env: environment variable {self.api_key_env} is unset"
+                )
+            return key
+        # An OpenAI-compatible server still needs some key string.
+        return "local-server" if self.api_base else None
+
+
+class CycleSpec(BaseModel):
+    """One optimization cycle: program, data, metric, optimizer and budget, LM, limits."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task: str = Field("intent", description="A built-in task (intent, extraction) or a label.")
+    program: str | None = Field(None, description="Your own program: `module:attr`.")
+    metric: str | None = Field(None, description="Your own metric: `module:function`.")
+    dataset: Path | None = Field(None, description="Your own data: a JSONL file.")
+    optimizer: str = Field("mipro", description="mipro, gepa or genetic.")
+    budget: Budget = "light"
+    lm: LMSpec = Field(default_factory=LMSpec)
+    time_budget_s: float = Field(
+        DEFAULT_TIME_BUDGET_S, gt=0, description="Hard limit on the cycle's wall time."
+    )
+    priority: int = Field(0, description="Higher runs first in a batch.")
+    seed: int = 0
+    num_threads: int = Field(1, ge=1, le=256, description="DSPy evaluation threads.")
+    max_train: int | None = Field(None, gt=0, description="Use at most this many train examples.")
+    max_val: int | None = Field(None, gt=0)
+    max_test: int | None = Field(None, gt=0)
+
+    @field_validator("optimizer")
+    @classmethod
+    def _known_optimizer(cls, value: str) -> str:
+        if value not in KNOWN_OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {value!r}; known: {', '.join(KNOWN_OPTIMIZERS)}")
+        return value
+
+    @model_validator(mode="after")
+    def _task_is_resolvable(self) -> CycleSpec:
+        user_parts = (self.program, self.metric, self.dataset)
+        if any(p is not None for p in user_parts):
+            if not all(p is not None for p in user_parts):
+                raise ValueError("program, metric and dataset go together: give all three")
+            if self.task == "intent":
+                self.task = "custom"
+            return self
+        from tasks.programs import list_tasks
+
+        if self.task not in list_tasks():
+            raise ValueError(f"unknown task {self.task!r}; known: {', '.join(list_tasks())}")
+        return self
+
+    @classmethod
+    def from_options(cls, *, lm: str = "local", **fields: object) -> CycleSpec:
+        """Build from flat CLI options (`--lm sim`)."""
+        return cls(lm=LMSpec(model=lm), **fields)  # type: ignore[arg-type]
