@@ -420,10 +420,6 @@ def _instructions(system: str) -> str:
 
 
 _WORDS = (
-    "carefully", "precisely", "concise", "label", "intent", "customer", "message", "classify",
-    "extract", "field", "answer", "exactly", "single", "best", "category", "given", "text",
-    "value", "quantity", "product", "step",
-)
     "carefully",
     "precisely",
     "concise",
@@ -436,7 +432,6 @@ _WORDS = (
     "field",
     "answer",
     "exactly",
-    "the",
     "single",
     "best",
     "category",
@@ -446,7 +441,7 @@ _WORDS = (
     "quantity",
     "product",
     "step",
-]
+)
 
 
 def _generic_answer(
