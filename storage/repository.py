@@ -189,6 +189,10 @@ class Repository:
                 )
             return stale
 
+    def run_exists(self, run_id: str) -> bool:
+        with connect_checked(self.engine), self._session() as s:
+            return s.get(OptimizationRun, run_id) is not None
+
     def get_run(self, run_id: str, *, with_details: bool = False) -> OptimizationRun:
         """A run by id or by a unique id prefix of at least 4 characters (as git does)."""
         with connect_checked(self.engine), self._session() as s:

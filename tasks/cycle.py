@@ -89,8 +89,9 @@ def prepare_cycle(
         test=_cap(splits.test, spec.max_test),
     )
     cycle_lm = build_lm(spec.lm, task_def, limiter=limiter)
-    if run_id is None:
+    if run_id is None or not repo.run_exists(run_id):
         run_id = repo.create_run(
+            run_id=run_id,
             task=task_def.name,
             optimizer=spec.optimizer,
             budget=spec.budget,

@@ -1,0 +1,141 @@
+"""`dspyflow optimize`: run one optimization cycle as a Prefect flow."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import typer
+
+from flows.cli.app import OutputFormat, app, console, fail, user_errors
+from flows.cli.runtime import prepare_runtime
+
+
+@app.command()
+def optimize(
+    task: str = typer.Option("intent", help="Built-in task: intent or extraction."),
+    optimizer: str = typer.Option("mipro", help="mipro, gepa or genetic."),
+    budget: str = typer.Option("light", help="Budget preset: light, medium or heavy."),
+    lm: str = typer.Option("local", help="local, sim, or a dspy.LM model string."),
+    api_base: str = typer.Option(None, help="OpenAI-compatible server for --lm."),
+    api_key_env: str = typer.Option(None, help="Environment variable holding the API key."),
+    time_budget: float = typer.Option(7200.0, "--time-budget", help="Seconds; hard limit."),
+    program: str = typer.Option(None, help="Your program, module:attr."),
+    metric: str = typer.Option(None, help="Your metric, module:function."),
+    dataset: Path = typer.Option(None, help="Your dataset, a JSONL file."),
+    seed: int = typer.Option(0),
+    num_threads: int = typer.Option(1, help="DSPy evaluation threads."),
+    max_train: int = typer.Option(None, help="Use at most N train examples."),
+    max_val: int = typer.Option(None, help="Use at most N validation examples."),
+    max_test: int = typer.Option(None, help="Use at most N test examples."),
+    fmt: OutputFormat = typer.Option(OutputFormat.table, "--format"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Prefect and DSPy logs."),
+) -> None:
+    """Optimize a DSPy program on the embedded defaults (local LM, SQLite, ephemeral Prefect)."""
+    prepare_runtime(verbose)
+    from tasks.spec import CycleSpec, LMSpec
+
+    with user_errors():
+        spec = CycleSpec(
+            task=task,
+            optimizer=optimizer,
+            budget=budget,  # type: ignore[arg-type]
+            lm=LMSpec(model=lm, api_base=api_base, api_key_env=api_key_env),
+            time_budget_s=time_budget,
+            program=program,
+            metric=metric,
+            dataset=dataset,
+            seed=seed,
+            num_threads=num_threads,
+            max_train=max_train,
+            max_val=max_val,
+            max_test=max_test,
+        )
+        # Fail fast, before Prefect starts: task, dataset, LM availability, database.
+        from storage.repository import Repository
+        from tasks.cycle import resolve_task
+        from tasks.lm import build_lm
+
+        task_def = resolve_task(spec)
+        task_def.load_splits()
+        build_lm(spec.lm, task_def)
+        repo = Repository()
+
+    from flows.optimization import optimization_cycle
+    from tasks.lm import LocalLMUnavailableError
+
+    run_id = uuid.uuid4().hex
+    stop = threading.Event()
+    started = time.monotonic()
+    watcher = threading.Thread(
+        target=_show_progress, args=(repo, run_id, stop, started, fmt), daemon=True
+    )
+    watcher.start()
+    try:
+        with user_errors(LocalLMUnavailableError):
+            try:
+                summary = optimization_cycle(spec, run_id=run_id)
+            except Exception:
+                summary = None
+    finally:
+        stop.set()
+        watcher.join()
+    from tasks.cycle import summarize
+
+    summary = summary or summarize(repo, run_id)
+    if fmt is OutputFormat.json:
+        print(json.dumps(summary.model_dump(), indent=2))
+    else:
+        sim = " [yellow](simulated LM)[/]" if summary.simulated else ""
+        console.print(f"run [bold]{summary.run_id}[/] {summary.state}{sim}")
+        console.print(f"  task {summary.task}, optimizer {summary.optimizer}, lm {summary.lm}")
+        console.print(f"  baseline score  {_score(summary.baseline_score)}")
+        console.print(f"  optimized score {_score(summary.best_score)}")
+        console.print(f"  duration {summary.duration_s or 0:.1f} s, {summary.lm_calls} LM calls")
+        if summary.error:
+            console.print(f"  error: {summary.error}", style="red")
+    if summary.state != "succeeded":
+        fail(f"run {summary.run_id} ended {summary.state}: {summary.error}", code=1)
+
+
+def _score(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _show_progress(repo, run_id: str, stop: threading.Event, started: float, fmt) -> None:  # type: ignore[no-untyped-def]
+    """Poll the run's row: the flow may run in this process or on a worker."""
+    if fmt is not OutputFormat.table:
+        stop.wait()
+        return
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from storage.repository import RunNotFoundError
+
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as progress:
+        bar = progress.add_task("starting Prefect and the LM", total=None)
+        while not stop.wait(0.5):
+            try:
+                run = repo.get_run(run_id)
+            except RunNotFoundError:
+                continue
+            except Exception:  # noqa: BLE001 - progress display must never kill the run
+                continue
+            stage = (
+                "baseline" if run.baseline_score is None else f"optimizing, {run.iterations} trials"
+            )
+            progress.update(
+                bar,
+                description=f"{run.state}: {stage}, {run.lm_calls} LM calls"
+                + (
+                    f", baseline {run.baseline_score:.3f}" if run.baseline_score is not None else ""
+                ),
+            )

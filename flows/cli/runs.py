@@ -1,0 +1,141 @@
+"""`dspyflow runs ...`: query optimization runs."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any
+
+import typer
+
+from flows.cli.app import OutputFormat, app, console, emit_rows, user_errors
+
+runs_app = typer.Typer(help="Query optimization runs.", no_args_is_help=True)
+app.add_typer(runs_app, name="runs")
+
+LIST_COLUMNS = [
+    "id",
+    "state",
+    "task",
+    "optimizer",
+    "lm",
+    "baseline_score",
+    "best_score",
+    "duration_s",
+    "lm_calls",
+    "created_at",
+]
+
+
+def run_row(run: Any) -> dict[str, Any]:
+    duration = (
+        (run.finished_at - run.started_at).total_seconds()
+        if run.finished_at and run.started_at
+        else None
+    )
+    return {
+        "id": run.id,
+        "state": run.state,
+        "task": run.task,
+        "optimizer": run.optimizer,
+        "budget": run.budget,
+        "lm": run.lm,
+        "simulated": run.simulated,
+        "priority": run.priority,
+        "baseline_score": run.baseline_score,
+        "best_score": run.best_score,
+        "duration_s": duration,
+        "lm_calls": run.lm_calls,
+        "input_tokens": run.input_tokens,
+        "output_tokens": run.output_tokens,
+        "cost_usd": run.cost_usd,
+        "iterations": run.iterations,
+        "created_at": _iso(run.created_at),
+        "started_at": _iso(run.started_at),
+        "finished_at": _iso(run.finished_at),
+        "batch_id": run.batch_id,
+        "flow_run_id": run.flow_run_id,
+        "error": run.error,
+    }
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+@runs_app.command("list")
+def runs_list(
+    state: str = typer.Option(None, help="Filter by state (succeeded, failed, ...)."),
+    task: str = typer.Option(None),
+    optimizer: str = typer.Option(None),
+    lm: str = typer.Option(None),
+    since: datetime = typer.Option(None, help="Only runs created at or after (ISO time)."),
+    limit: int = typer.Option(100, min=1),
+    fmt: OutputFormat = typer.Option(OutputFormat.table, "--format"),
+) -> None:
+    """List runs, newest first."""
+    from storage.repository import Repository
+
+    with user_errors():
+        runs = Repository().list_runs(
+            state=state, task=task, optimizer=optimizer, lm=lm, since=since, limit=limit
+        )
+    rows = [run_row(r) for r in runs]
+    short = {"id": lambda v: v[:12], "created_at": lambda v: v[:19]}
+    emit_rows(rows, fmt, columns=LIST_COLUMNS, formatters=short, title="optimization runs")
+
+
+@runs_app.command("show")
+def runs_show(
+    run_id: str = typer.Argument(..., help="Run id or a unique prefix (>= 4 characters)."),
+    fmt: OutputFormat = typer.Option(OutputFormat.table, "--format"),
+) -> None:
+    """One run with its spec, progress samples, alerts and optimized program."""
+    from storage.repository import Repository
+
+    with user_errors():
+        run = Repository().get_run(run_id, with_details=True)
+    detail = run_row(run)
+    detail["spec"] = run.spec
+    detail["program_state"] = run.program_state
+    detail["progress_samples"] = [
+        {
+            "recorded_at": _iso(s.recorded_at),
+            "iteration": s.iteration,
+            "total_iterations": s.total_iterations,
+            "elapsed_s": s.elapsed_s,
+            "throughput": s.throughput,
+            "eta_s": s.eta_s,
+            "best_score": s.best_score,
+            "lm_calls": s.lm_calls,
+        }
+        for s in run.samples
+    ]
+    detail["alerts"] = [
+        {
+            "recorded_at": _iso(a.recorded_at),
+            "kind": a.kind,
+            "message": a.message,
+            "elapsed_s": a.elapsed_s,
+        }
+        for a in run.alerts
+    ]
+    if fmt is OutputFormat.json:
+        print(json.dumps(detail, indent=2, default=str))
+        return
+    scalar = {k: v for k, v in detail.items() if not isinstance(v, dict | list)}
+    emit_rows(
+        [{"field": k, "value": v} for k, v in scalar.items()],
+        OutputFormat.table,
+        title=f"run {run.id}",
+    )
+    if detail["progress_samples"]:
+        emit_rows(detail["progress_samples"], OutputFormat.table, title="progress")
+    if detail["alerts"]:
+        emit_rows(detail["alerts"], OutputFormat.table, title="alerts")
+    if run.program_state:
+        for name, predictor in run.program_state.items():
+            if isinstance(predictor, dict) and "signature" in predictor:
+                instructions = predictor["signature"].get("instructions", "")
+                console.print(f"[bold]{name}[/]: {len(predictor.get('demos', []))} demos")
+                console.print(f"  instructions: {instructions}", highlight=False)
