@@ -76,6 +76,7 @@ class OptimizationRun(Base):
     output_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     cost_usd: Mapped[float | None] = mapped_column(Float)
     iterations: Mapped[int] = mapped_column(Integer, default=0)
+    total_iterations: Mapped[int | None] = mapped_column(Integer)
     error: Mapped[str | None] = mapped_column(Text)
     program_state: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     flow_run_id: Mapped[str | None] = mapped_column(String(64))

@@ -146,7 +146,12 @@ def run_optimizer(ctx: CycleContext) -> OptimizeResult:
             if now - ctx._last_progress_write < 1.0 and event.iteration != event.total:
                 return
             ctx._last_progress_write = now
-        ctx.repo.heartbeat(ctx.run_id, iterations=event.iteration, **ctx.usage_fields())
+        ctx.repo.heartbeat(
+            ctx.run_id,
+            iterations=event.iteration,
+            total_iterations=event.total,
+            **ctx.usage_fields(),
+        )
 
     request = CompileRequest(
         program=ctx.task.build_program(),
