@@ -12,7 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 Budget = Literal["light", "medium", "heavy"]
 
 # Optimizers behind the one interface in tasks/optimizers (names only: no dspy import here).
-KNOWN_OPTIMIZERS = ("mipro", "gepa", "genetic")
+# `capacity` is a capacity-test workload with a fixed LM-call count, not a real optimizer.
+KNOWN_OPTIMIZERS = ("mipro", "gepa", "genetic", "capacity")
 DEFAULT_TIME_BUDGET_S = 7200.0
 
 

@@ -10,6 +10,10 @@ def get_optimizer(name: str) -> Optimizer:
         from tasks.optimizers.mipro import MiproOptimizer
 
         return MiproOptimizer()
+    if name == "capacity":
+        from tasks.optimizers.capacity import CapacityOptimizer
+
+        return CapacityOptimizer()
     from tasks.spec import KNOWN_OPTIMIZERS
 
     if name in KNOWN_OPTIMIZERS:
