@@ -136,7 +136,7 @@ class ManagedEngine:
             try:
                 return self.inner.complete(request)
             except Exception as exc:
-                if not is_retryable_lm_error(exc) or attempt >= self.retry.retries:
+                if not is_transient_lm_error(exc) or attempt >= self.retry.retries:
                     raise
                 delay = self.retry.delay(attempt, self._rng, getattr(exc, "retry_after", None))
                 self.retries_done += 1
@@ -152,6 +152,17 @@ class ManagedEngine:
 
     def close(self) -> None:
         pass
+
+
+def is_transient_lm_error(exc: BaseException) -> bool:
+    """429, 5xx, timeouts and transport errors, as raised inside an engine (lm15 errors)
+    or after DSPy translated them. `is_retryable_lm_error` knows only the latter, so on
+    its own it never retried an engine's 429."""
+    from dspy.lm15 import RateLimitError, ServerError, TimeoutError, TransportError
+
+    if isinstance(exc, RateLimitError | ServerError | TimeoutError | TransportError):
+        return True
+    return isinstance(exc, Exception) and is_retryable_lm_error(exc)
 
 
 def _estimate_tokens(request: dspy.lm15.Request) -> int:
