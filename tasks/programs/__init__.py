@@ -45,10 +45,26 @@ class TaskDefinition:
     wrong_answer: WrongAnswer
 
     def load_splits(self) -> Splits:
-        """Load this task's dataset as train/val/test `dspy.Example` lists."""
-        from tasks.programs.dataset import load_jsonl
+        """Load this task's dataset as train/val/test `dspy.Example` lists.
 
-        return load_jsonl(self.dataset_path, self.input_fields, self.output_fields)
+        Parsed once per file version: a batch of a thousand cycles would otherwise parse
+        the same file two thousand times (~6 ms each). Callers get fresh lists; the
+        examples are shared and treated as read-only, as DSPy does."""
+        from tasks.programs.dataset import Splits, load_jsonl
+
+        try:
+            stat = self.dataset_path.stat()
+        except OSError:  # let load_jsonl raise its DatasetError naming the file
+            return load_jsonl(self.dataset_path, self.input_fields, self.output_fields)
+        key = (self.dataset_path, stat.st_mtime_ns, stat.st_size, self.input_fields)
+        cached = _SPLITS_CACHE.get(key)
+        if cached is None:
+            cached = load_jsonl(self.dataset_path, self.input_fields, self.output_fields)
+            _SPLITS_CACHE[key] = cached
+        return Splits(train=list(cached.train), val=list(cached.val), test=list(cached.test))
+
+
+_SPLITS_CACHE: dict[tuple[Any, ...], Splits] = {}
 
 
 class UnknownTaskError(ValueError):
