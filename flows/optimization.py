@@ -1,13 +1,19 @@
-"""Optimization flows: one cycle (`optimization_cycle`)."""
+"""Optimization flows: one cycle (`optimization_cycle`), many (`optimization_batch`)."""
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
 
 from prefect import flow
 from prefect.runtime import flow_run
 
 from storage.repository import Repository
 from tasks import cycle
+from tasks.batch import BatchOptions, BatchSummary, run_batch
+from tasks.batch_jobs import load_jobs
 from tasks.cycle import CycleSummary, summarize
+from tasks.job_queue import Backpressure
 from tasks.spec import CycleSpec
 
 
@@ -34,3 +40,65 @@ def optimization_cycle(spec: CycleSpec, run_id: str | None = None) -> CycleSumma
             cycle.record_failure(repo, failed_run, exc, ctx)
         raise
     return summarize(repo, ctx.run_id)
+
+
+@flow(name="optimization-batch", persist_result=False, log_prints=False)
+def optimization_batch(
+    jobs: list[CycleSpec] | str,
+    workers: int = 64,
+    max_concurrent: int = 500,
+    capacity: int = 2000,
+    backpressure: Backpressure = Backpressure.refuse,
+    lm_rps: float | None = None,
+    lm_tokens_per_min: float | None = None,
+    prefect_rate_limit: str | None = None,
+    task_runner: Literal["threads", "dask"] = "threads",
+    dask_address: str | None = None,
+    skip_invalid: bool = False,
+    batch_id: str | None = None,
+) -> BatchSummary:
+    """Run many cycles, one `run-cycle` task each (tag `optimization`), in priority order.
+
+    `jobs`: cycle specs, or the path of a JSONL file with one spec per line (a file with
+    bad lines is rejected whole, every bad line named, unless `skip_invalid`). Jobs are
+    admitted from dspyflow's queue (capacity, backpressure at 90 %, at most
+    min(workers, max_concurrent) in flight) and share one LM rate limit. Every job ends
+    in the database in a terminal state; the summary is returned and published as the
+    `optimization-batch` artifact.
+    """
+    from prefect.artifacts import create_markdown_artifact
+
+    from storage.db import database_url
+
+    options = BatchOptions(
+        workers=workers,
+        max_concurrent=max_concurrent,
+        capacity=capacity,
+        backpressure=backpressure,
+        lm_rps=lm_rps,
+        lm_tokens_per_min=lm_tokens_per_min,
+        prefect_rate_limit=prefect_rate_limit,
+        task_runner=task_runner,
+        dask_address=dask_address,
+        batch_id=batch_id,
+    )
+    rejected = []
+    if isinstance(jobs, str | Path):
+        jobs_file = load_jobs(jobs, skip_invalid=skip_invalid)
+        specs, rejected = jobs_file.jobs, jobs_file.rejected
+    else:
+        specs = list(jobs)
+    # Crash recovery of an earlier batch's stale runs plugs in as `on_start`.
+    summary = run_batch(
+        specs,
+        options,
+        database_url(),
+        flow_run_id=flow_run.get_id(),
+        rejected_lines=rejected,
+    )
+    create_markdown_artifact(
+        key="optimization-batch",
+        markdown=summary.to_markdown(),
+        description=f"batch {summary.batch_id}: {summary.jobs} jobs",
+    )
+    return summary

@@ -13,6 +13,7 @@ from typing import Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(
@@ -34,7 +35,7 @@ class OutputFormat(StrEnum):
 
 def fail(message: str, code: int = 2) -> NoReturn:
     """One clear line on stderr and a non-zero exit."""
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -83,10 +84,12 @@ def emit_rows(
     formatters = formatters or {}
     table = Table(title=title)
     for col in columns:
-        table.add_column(col)
+        table.add_column(col, no_wrap=col == "id")
     for row in rows:
         table.add_row(*(_cell(row.get(c), formatters.get(c)) for c in columns))
-    console.print(table)
+    # Piped output has no terminal width: don't squeeze tables into 80 columns.
+    out = Console() if sys.stdout.isatty() else Console(width=200)
+    out.print(table)
 
 
 def _cell(value: Any, formatter: Callable[[Any], str] | None) -> str:

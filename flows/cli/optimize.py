@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import sys
 import threading
 import time
 import uuid
 from pathlib import Path
 
 import typer
+from rich.console import Console
 
 from flows.cli.app import OutputFormat, app, console, fail, user_errors
 from flows.cli.runtime import prepare_runtime
@@ -36,9 +40,10 @@ def optimize(
 ) -> None:
     """Optimize a DSPy program on the embedded defaults (local LM, SQLite, ephemeral Prefect)."""
     prepare_runtime(verbose)
+    from tasks.lm import LocalLMUnavailableError
     from tasks.spec import CycleSpec, LMSpec
 
-    with user_errors():
+    with user_errors(LocalLMUnavailableError):
         spec = CycleSpec(
             task=task,
             optimizer=optimizer,
@@ -65,17 +70,21 @@ def optimize(
         repo = Repository()
 
     from flows.optimization import optimization_cycle
-    from tasks.lm import LocalLMUnavailableError
 
     run_id = uuid.uuid4().hex
     stop = threading.Event()
     started = time.monotonic()
+    progress_console = Console(file=sys.stdout)  # bound now: stdout is redirected below
     watcher = threading.Thread(
-        target=_show_progress, args=(repo, run_id, stop, started, fmt), daemon=True
+        target=_show_progress,
+        args=(repo, run_id, stop, started, fmt, progress_console),
+        daemon=True,
     )
     watcher.start()
     try:
-        with user_errors(LocalLMUnavailableError):
+        # DSPy prints tqdm bars to stdout; keep stdout for our output (JSON must parse).
+        noise = sys.stderr if verbose else open(os.devnull, "w")  # noqa: SIM115
+        with user_errors(LocalLMUnavailableError), contextlib.redirect_stdout(noise):
             try:
                 summary = optimization_cycle(spec, run_id=run_id)
             except Exception:
@@ -105,7 +114,7 @@ def _score(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
-def _show_progress(repo, run_id: str, stop: threading.Event, started: float, fmt) -> None:  # type: ignore[no-untyped-def]
+def _show_progress(repo, run_id, stop, started, fmt, out_console) -> None:  # type: ignore[no-untyped-def]
     """Poll the run's row: the flow may run in this process or on a worker."""
     if fmt is not OutputFormat.table:
         stop.wait()
@@ -118,7 +127,7 @@ def _show_progress(repo, run_id: str, stop: threading.Event, started: float, fmt
         SpinnerColumn(),
         TextColumn("{task.description}"),
         TimeElapsedColumn(),
-        console=console,
+        console=out_console,
         transient=True,
     ) as progress:
         bar = progress.add_task("starting Prefect and the LM", total=None)

@@ -1,0 +1,84 @@
+"""The optimization_cycle flow, for real: Prefect (test harness), DSPy MIPROv2, a database."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from storage.repository import Repository
+from tasks.spec import CycleSpec, LMSpec
+
+SMALL = dict(max_train=24, max_val=24, max_test=30)
+
+
+def _flow_run_state(flow_run_id: str) -> str:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(flow_run_id).state.type.value
+
+
+def test_sim_cycle_end_to_end(prefect_harness, use_database: str) -> None:
+    from flows.optimization import optimization_cycle
+
+    spec = CycleSpec(task="intent", lm=LMSpec(model="sim"), **SMALL)
+    summary = optimization_cycle(spec)
+    assert summary.state == "succeeded" and summary.simulated
+    run = Repository().get_run(summary.run_id)
+    assert run.baseline_score is not None and run.best_score is not None
+    # The simulated LM rewards demos and some instructions: MIPROv2 must find that.
+    assert run.best_score > run.baseline_score
+    assert run.lm_calls > 100 and run.input_tokens > run.output_tokens > 0
+    assert run.iterations >= 10 and run.total_iterations == 11
+    state = run.program_state["classify"]
+    assert state["signature"]["instructions"] and isinstance(state["demos"], list)
+    assert run.spec["lm"]["model"] == "sim"
+    assert _flow_run_state(run.flow_run_id) == "COMPLETED"
+
+
+def test_optimized_program_can_be_restored_from_the_database(prefect_harness, use_database):
+    from flows.optimization import optimization_cycle
+    from tasks.programs import get_task
+
+    summary = optimization_cycle(CycleSpec(task="extraction", lm=LMSpec(model="sim"), **SMALL))
+    run = Repository().get_run(summary.run_id)
+    program = get_task("extraction").build_program()
+    program.load_state(run.program_state)
+    assert program.dump_state() == run.program_state
+
+
+def test_permanent_lm_errors_fail_the_run_with_its_reason(prefect_harness, use_database):
+    from flows.optimization import optimization_cycle
+
+    spec = CycleSpec(lm=LMSpec(model="sim", sim_permanent_error_rate=1.0), **SMALL)
+    with pytest.raises(Exception):  # noqa: B017 - the flow re-raises whatever failed
+        optimization_cycle(spec)
+    (run,) = Repository().list_runs()
+    assert run.state == "failed"
+    assert "simulated permanent error" in run.error
+    assert _flow_run_state(run.flow_run_id) == "FAILED"
+
+
+def test_transient_lm_errors_are_retried(prefect_harness, use_database) -> None:
+    from flows.optimization import optimization_cycle
+
+    spec = CycleSpec(lm=LMSpec(model="sim", sim_error_rate=0.2, seed=3), **SMALL)
+    summary = optimization_cycle(spec)
+    assert summary.state == "succeeded"
+
+
+@pytest.mark.local_lm
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="needs the `local` extra")
+def test_local_lm_cycle_small_budget(prefect_harness, use_database) -> None:
+    """The real local LM (SmolLM2-135M via llama.cpp) through a whole MIPROv2 cycle."""
+    from flows.optimization import optimization_cycle
+
+    spec = CycleSpec(task="intent", lm=LMSpec(model="local"), max_train=8, max_val=8, max_test=12)
+    summary = optimization_cycle(spec)
+    assert summary.state == "succeeded", summary.error
+    run = Repository().get_run(summary.run_id)
+    assert 0.0 <= run.baseline_score <= 1.0 and 0.0 <= run.best_score <= 1.0
+    assert run.lm_calls > 50 and run.input_tokens > 0
+    assert not run.simulated
