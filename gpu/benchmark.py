@@ -1,0 +1,796 @@
+"""Benchmarks of gpu.tensor_ops: ours vs plain torch, GPU vs CPU, against measured peaks.
+
+How it times (see docs/gpu.md):
+- GPU: CUDA events around each repetition, after a warm-up; before every repetition a
+  256 MB buffer is zeroed so each one starts with a cold L2 (reported as `cold`).
+- CPU: perf_counter around each repetition (ops are synchronous); caches stay warm.
+- Ours and the plain-torch baseline run interleaved (A B A B ...) so drift on a shared
+  machine hits both alike; figures are medians with the interquartile range.
+- Achieved GB/s = compulsory bytes / time, TFLOP/s = algorithmic FLOPs / time; both
+  against this run's measured ceilings: a big device-to-device copy and a dense matmul.
+- Error: max |ours - float64 reference| (numpy), on a subset of rows for big cases.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import statistics
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, Field
+
+from gpu import tensor_ops as ops
+from gpu.device import DeviceInfo, cpu_model, device_info, resolve_device, synchronize
+from gpu.memory import track_tensor_allocations
+
+log = logging.getLogger("dspyflow.gpu.benchmark")
+
+Sizes = Literal["small", "full"]
+SUITE = "gpu"
+FLUSH_BYTES = 256 * 1024**2
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_SHORT = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+
+
+# --- cases ----------------------------------------------------------------------------
+
+
+class OpCase(BaseModel):
+    """One op at one size and dtype. Shapes: matmul m,k,n; normalize n,d;
+    pairwise_l2 / cosine_similarity n,m,d; topk_cosine q,n,d (+ k)."""
+
+    op: str
+    dtype: str
+    shape: dict[str, int]
+    k: int | None = None
+    tf32: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"{self.op}{'_tf32' if self.tf32 else ''}"
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}.{_SHORT[self.dtype]}"
+
+    @property
+    def shape_label(self) -> str:
+        return "x".join(str(v) for v in self.shape.values())
+
+
+def cases_for(sizes: Sizes, device: torch.device) -> list[OpCase]:
+    if sizes == "small":
+        # Each op tens of milliseconds on a 2-core CPU: the whole suite takes seconds.
+        return [
+            OpCase(op="matmul", dtype="float32", shape={"m": 1024, "k": 1024, "n": 1024}),
+            OpCase(op="normalize", dtype="float32", shape={"n": 20_000, "d": 384}),
+            OpCase(op="pairwise_l2", dtype="float32", shape={"n": 512, "m": 1024, "d": 384}),
+            OpCase(op="cosine_similarity", dtype="float32", shape={"n": 512, "m": 1024, "d": 384}),
+            OpCase(op="topk_cosine", dtype="float32", shape={"q": 64, "n": 10_000, "d": 384}, k=10),
+            OpCase(op="topk_cosine", dtype="float16", shape={"q": 64, "n": 10_000, "d": 384}, k=10),
+        ]
+    full = [
+        OpCase(op="matmul", dtype="float16", shape={"m": 8192, "k": 8192, "n": 8192}),
+        OpCase(op="normalize", dtype="float32", shape={"n": 1_000_000, "d": 384}),
+        OpCase(op="pairwise_l2", dtype="float32", shape={"n": 8192, "m": 8192, "d": 384}),
+        OpCase(op="cosine_similarity", dtype="float32", shape={"n": 8192, "m": 8192, "d": 384}),
+        OpCase(
+            op="topk_cosine", dtype="float16", shape={"q": 1024, "n": 1_000_000, "d": 384}, k=10
+        ),
+    ]
+    if device.type == "cuda":  # the TF32 variant only means something on tensor-core GPUs
+        full.append(
+            OpCase(
+                op="pairwise_l2", dtype="float32", shape={"n": 8192, "m": 8192, "d": 384}, tf32=True
+            )
+        )
+    return full
+
+
+# Targets for the full sizes on an H100/H200 (ms, extra bytes); on CPUs: ratio <= 1.2.
+GPU_TARGETS: dict[str, dict[str, float]] = {
+    "topk_cosine.fp16": {"ms": 1.5, "extra_bytes": 1024**3},
+    "normalize.fp32": {"ms": 1.0},
+    "pairwise_l2.fp32": {"ms": 1.2},
+}
+CPU_RATIO_TARGET = 1.2
+
+
+class _Bench:
+    """Inputs, both implementations, cost model and float64 reference for one case."""
+
+    def __init__(self, case: OpCase, device: torch.device, seed: int) -> None:
+        self.case, self.device = case, device
+        self.dtype = _DTYPES[case.dtype]
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        s = case.shape
+
+        def rnd(*shape: int) -> torch.Tensor:
+            # Random data (not zeros), made on the CPU for reproducibility across devices.
+            return torch.randn(*shape, generator=gen).to(device=device, dtype=self.dtype)
+
+        if case.op == "matmul":
+            self.inputs = (rnd(s["m"], s["k"]), rnd(s["k"], s["n"]))
+        elif case.op == "normalize":
+            self.inputs = (rnd(s["n"], s["d"]),)
+        elif case.op in ("pairwise_l2", "cosine_similarity"):
+            self.inputs = (rnd(s["n"], s["d"]), rnd(s["m"], s["d"]))
+        elif case.op == "topk_cosine":
+            # The database is an index: normalized once, searched many times.
+            db = ops.normalize_rows(rnd(s["n"], s["d"]))
+            self.inputs = (rnd(s["q"], s["d"]), db)
+        else:
+            raise ValueError(f"unknown benchmark op {case.op!r}")
+
+    # implementations -------------------------------------------------------------------
+
+    def ours(self) -> Any:
+        c, x = self.case, self.inputs
+        if c.op == "matmul":
+            return ops.matmul(*x)
+        if c.op == "normalize":
+            return ops.normalize_rows(*x)
+        if c.op == "pairwise_l2":
+            return ops.pairwise_l2(*x, allow_tf32=c.tf32)
+        if c.op == "cosine_similarity":
+            return ops.cosine_similarity(*x)
+        return ops.topk_cosine(x[0], x[1], c.k or 1, normalized=True)
+
+    def baseline(self) -> Any:
+        c, x = self.case, self.inputs
+        if c.op == "matmul":
+            return x[0] @ x[1]
+        if c.op == "normalize":
+            return F.normalize(x[0], dim=1)
+        if c.op == "pairwise_l2":
+            if c.tf32:
+                with ops.tf32_enabled(True):
+                    return torch.cdist(*x)
+            return torch.cdist(*x)
+        if c.op == "cosine_similarity":
+            return F.normalize(x[0], dim=1) @ F.normalize(x[1], dim=1).T
+        return torch.topk(F.normalize(x[0], dim=1) @ x[1].T, c.k or 1, dim=1)
+
+    # cost model ------------------------------------------------------------------------
+
+    def flops(self) -> float:
+        s, c = self.case.shape, self.case
+        if c.op == "matmul":
+            return 2.0 * s["m"] * s["k"] * s["n"]
+        if c.op == "normalize":
+            return 3.0 * s["n"] * s["d"]  # square-add, then scale
+        if c.op in ("pairwise_l2", "cosine_similarity"):
+            return 2.0 * s["n"] * s["m"] * s["d"]
+        return 2.0 * s["q"] * s["n"] * s["d"]
+
+    def bytes(self) -> float:
+        """Compulsory traffic: read every input once, write the output once."""
+        s, c = self.case.shape, self.case
+        e = torch.empty((), dtype=self.dtype).element_size()
+        if c.op == "matmul":
+            return float(e * (s["m"] * s["k"] + s["k"] * s["n"] + s["m"] * s["n"]))
+        if c.op == "normalize":
+            return float(2 * e * s["n"] * s["d"])
+        if c.op in ("pairwise_l2", "cosine_similarity"):
+            return float(e * ((s["n"] + s["m"]) * s["d"] + s["n"] * s["m"]))
+        return float(e * (s["q"] + s["n"]) * s["d"] + s["q"] * (c.k or 1) * (e + 8))
+
+    def peak_key(self) -> str:
+        if self.case.tf32:
+            return "tf32"
+        return str(ops.compute_dtype(self.dtype, self.device)).removeprefix("torch.")
+
+    # correctness -----------------------------------------------------------------------
+
+    def max_abs_error(self, out: Any, rows: int = 256) -> float:
+        """Max |out - float64 reference| over the first ``rows`` output rows."""
+        c = self.case
+
+        def f64(t: torch.Tensor) -> np.ndarray:
+            return t.detach().to("cpu", torch.float64).numpy()
+
+        if c.op == "matmul":
+            ref = f64(self.inputs[0][:rows]) @ f64(self.inputs[1])
+            got = out[:rows]
+        elif c.op == "normalize":
+            a = f64(self.inputs[0][: rows * 64])
+            ref = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+            got = out[: rows * 64]
+        elif c.op == "pairwise_l2":
+            a, b = f64(self.inputs[0][:rows]), f64(self.inputs[1])
+            sq = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * a @ b.T
+            ref, got = np.sqrt(np.maximum(sq, 0)), out[:rows]
+        elif c.op == "cosine_similarity":
+            a, b = f64(self.inputs[0][:rows]), f64(self.inputs[1])
+            a = a / np.linalg.norm(a, axis=1, keepdims=True)
+            b = b / np.linalg.norm(b, axis=1, keepdims=True)
+            ref, got = a @ b.T, out[:rows]
+        else:
+            q = f64(self.inputs[0][: min(rows, 32)])
+            q = q / np.linalg.norm(q, axis=1, keepdims=True)
+            scores = q @ f64(self.inputs[1]).T  # the database is already normalized
+            ref = -np.sort(-scores, axis=1)[:, : c.k]
+            got = out[0][: q.shape[0]]
+        got_np = got.detach().to("cpu", torch.float64).numpy()
+        return float(np.max(np.abs(got_np - ref)))
+
+
+# --- timing ---------------------------------------------------------------------------
+
+
+class Timing(BaseModel):
+    samples_ms: list[float]
+    median_ms: float
+    q1_ms: float
+    q3_ms: float
+    iqr_ms: float
+    min_ms: float
+    cold: bool  # L2 flushed before each repetition
+    timer: str  # "cuda-events" or "perf_counter"
+    first_call_ms: float | None = None  # before any warm-up: compile, handles, page faults
+
+    @classmethod
+    def of(
+        cls, samples: list[float], *, cold: bool, timer: str, first_call_ms: float | None = None
+    ) -> Timing:
+        s = sorted(samples)
+        q = statistics.quantiles(s, n=4, method="inclusive") if len(s) > 1 else [s[0]] * 3
+        return cls(
+            samples_ms=samples,
+            median_ms=statistics.median(s),
+            q1_ms=q[0],
+            q3_ms=q[2],
+            iqr_ms=q[2] - q[0],
+            min_ms=s[0],
+            cold=cold,
+            timer=timer,
+            first_call_ms=first_call_ms,
+        )
+
+
+class Timer:
+    """Times callables on one device: CUDA events + L2 flush on GPUs, perf_counter on CPUs."""
+
+    def __init__(self, device: torch.device, *, flush: bool = True) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self._flush_buf = (
+            torch.empty(FLUSH_BYTES // 4, dtype=torch.int32, device=device)
+            if self.cuda and flush
+            else None
+        )
+
+    @property
+    def name(self) -> str:
+        return "cuda-events" if self.cuda else "perf_counter"
+
+    @property
+    def cold(self) -> bool:
+        return self._flush_buf is not None
+
+    def once(self, fn: Callable[[], Any]) -> float:
+        """One timed call in ms (flushing L2 first on GPUs)."""
+        if self.cuda:
+            if self._flush_buf is not None:
+                self._flush_buf.zero_()  # same stream, so it finishes before `start`
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return float(start.elapsed_time(end))
+        synchronize(self.device)
+        t0 = time.perf_counter()
+        fn()
+        synchronize(self.device)  # MPS is asynchronous like CUDA; the CPU: a no-op
+        return (time.perf_counter() - t0) * 1e3
+
+    def measure(self, fn: Callable[[], Any], *, warmup: int, reps: int) -> Timing:
+        return self.interleaved([fn], warmup=warmup, reps=reps)[0]
+
+    def interleaved(self, fns: list[Callable[[], Any]], *, warmup: int, reps: int) -> list[Timing]:
+        """First call, warm-up, then repetitions alternating between the callables."""
+        first = [self.once(fn) for fn in fns]
+        for fn in fns:
+            for _ in range(warmup):
+                fn()
+        synchronize(self.device)
+        samples: list[list[float]] = [[] for _ in fns]
+        for _ in range(reps):
+            for i, fn in enumerate(fns):
+                samples[i].append(self.once(fn))
+        return [
+            Timing.of(s, cold=self.cold, timer=self.name, first_call_ms=f)
+            for s, f in zip(samples, first, strict=True)
+        ]
+
+
+# --- peaks ----------------------------------------------------------------------------
+
+
+class PeakFigures(BaseModel):
+    """Ceilings measured once per run on the device the ops run on."""
+
+    device: str
+    copy_gbps: float
+    copy_bytes: int
+    matmul_tflops: dict[str, float]  # by compute dtype: float32, float16, bfloat16, tf32
+    matmul_n: int
+
+
+def measure_peaks(device: torch.device, sizes: Sizes, *, reps: int | None = None) -> PeakFigures:
+    reps = reps or (3 if sizes == "small" else 10)
+    timer = Timer(device, flush=False)
+    gpu = device.type != "cpu"
+    copy_bytes = (1024**3 if gpu else 256 * 1024**2) if sizes == "full" else 32 * 1024**2
+    if gpu and sizes == "small":
+        copy_bytes = 256 * 1024**2
+    src = torch.empty(copy_bytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    t = timer.measure(lambda: dst.copy_(src), warmup=2, reps=reps)  # noqa: F821
+    # Ceilings use the best repetition: a peak is what the device can do, and noise from
+    # a shared machine only ever makes a repetition slower.
+    copy_gbps = 2 * copy_bytes / (t.min_ms * 1e-3) / 1e9  # read + write
+    n = 8192 if gpu and sizes == "full" else (4096 if gpu else (2048 if sizes == "full" else 1024))
+    tflops: dict[str, float] = {}
+    kinds = ["float32", "float16", "bfloat16"] + (["tf32"] if device.type == "cuda" else [])
+    for kind in kinds:
+        dt = torch.float32 if kind == "tf32" else _DTYPES[kind]
+        if not gpu and dt != torch.float32:
+            continue  # CPU half ops compute in fp32: their ceiling is the fp32 one
+        a = torch.randn(n, n, device=device, dtype=torch.float32).to(dt)
+        b = torch.randn(n, n, device=device, dtype=torch.float32).to(dt)
+        with ops.tf32_enabled(kind == "tf32"):
+            t = timer.measure(lambda a=a, b=b: torch.mm(a, b), warmup=2, reps=reps)
+        tflops[kind] = 2.0 * n**3 / (t.min_ms * 1e-3) / 1e12
+    if not gpu:
+        tflops["float16"] = tflops["bfloat16"] = tflops["float32"]
+    return PeakFigures(
+        device=str(device),
+        copy_gbps=copy_gbps,
+        copy_bytes=copy_bytes,
+        matmul_tflops=tflops,
+        matmul_n=n,
+    )
+
+
+# --- environment ----------------------------------------------------------------------
+
+
+def git_commit(cwd: Path | None = None) -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=cwd or Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment(info: DeviceInfo) -> dict[str, Any]:
+    return {
+        "device_name": info.name,
+        "device_type": info.device.split(":")[0],
+        "backend": str(info.backend),
+        "compute_capability": info.compute_capability,
+        "total_memory_bytes": info.total_memory_bytes,
+        "driver": info.driver,
+        "runtime": info.runtime_version,
+        "torch_version": torch.__version__,
+        "numpy_version": np.__version__,
+        "python": platform.python_version(),
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "os": f"{platform.system()} {platform.release()}",
+        "git_commit": git_commit(),
+    }
+
+
+def fingerprint(env: dict[str, Any]) -> str:
+    """A short stable hash of the hardware and software stack.
+
+    The commit is recorded in the environment but left out of the hash: figures from
+    different commits on the same stack must compare (that is what regressions are);
+    the free memory and the kernel release are left out too (they drift between runs).
+    """
+    stable = {k: v for k, v in env.items() if k not in ("git_commit", "os")}
+    blob = json.dumps(stable, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# --- results --------------------------------------------------------------------------
+
+
+class OpResult(BaseModel):
+    case: OpCase
+    device: str
+    ours: Timing
+    torch: Timing
+    ratio_vs_torch: float  # ours / plain torch (median); < 1 means ours is faster
+    flops: float
+    bytes: float
+    gbps: float
+    tflops: float
+    pct_peak_bw: float
+    pct_peak_flops: float
+    pct_of_peak: float  # of the binding ceiling (the larger of the two)
+    bound: Literal["memory", "compute"]
+    max_abs_err: float
+    torch_max_abs_err: float
+    extra_bytes: int | None = None  # ours: peak extra memory of one call (incl. output)
+    torch_extra_bytes: int | None = None
+    cpu: Timing | None = None  # ours on the CPU (all threads), when the device is a GPU
+    speedup_vs_cpu: float | None = None
+    target_ms: float | None = None
+    meets_target: bool | None = None
+    notes: list[str] = Field(default_factory=list)
+
+
+class SuiteResult(BaseModel):
+    session_id: str
+    created_at: datetime
+    sizes: Sizes
+    device: str
+    device_info: DeviceInfo
+    environment: dict[str, Any]
+    env_fingerprint: str
+    peak: PeakFigures
+    config: dict[str, Any]
+    results: list[OpResult]
+    wall_s: float
+
+    def _row(
+        self,
+        metric: str,
+        value: float,
+        unit: str,
+        *,
+        samples: list[float] | None = None,
+        params: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        return {
+            "session_id": self.session_id,
+            "suite": SUITE,
+            "metric": metric,
+            "value": float(value),
+            "unit": unit,
+            "samples": samples,
+            "params": {"sizes": self.sizes, "device": self.device, **(params or {})},
+            "env_fingerprint": self.env_fingerprint,
+            "environment": self.environment,
+            "commit": self.environment.get("git_commit"),
+        }
+
+    def to_rows(self) -> Iterator[dict[str, Any]]:
+        """Rows for `Repository.add_benchmark_results` (one metric each, unique per session)."""
+        dev = self.device.split(":")[0]
+        yield self._row(
+            f"gpu.peak.copy_gbps.{dev}",
+            self.peak.copy_gbps,
+            "GB/s",
+            params={"bytes": self.peak.copy_bytes},
+        )
+        for kind, value in self.peak.matmul_tflops.items():
+            yield self._row(
+                f"gpu.peak.matmul_tflops.{kind}.{dev}",
+                value,
+                "TFLOP/s",
+                params={"n": self.peak.matmul_n},
+            )
+        for r in self.results:
+            c = r.case
+            prefix = f"gpu.{c.name}.{_SHORT[c.dtype]}.{c.shape_label}.{dev}"
+            params = {
+                "op": c.op,
+                "dtype": c.dtype,
+                "shape": c.shape,
+                "k": c.k,
+                "tf32": c.tf32,
+                "cold": r.ours.cold,
+                "timer": r.ours.timer,
+                **self.config,
+            }
+            yield self._row(
+                f"{prefix}.ms",
+                r.ours.median_ms,
+                "ms",
+                samples=r.ours.samples_ms,
+                params={**params, "iqr_ms": r.ours.iqr_ms, "first_call_ms": r.ours.first_call_ms},
+            )
+            yield self._row(
+                f"{prefix}.torch_ms",
+                r.torch.median_ms,
+                "ms",
+                samples=r.torch.samples_ms,
+                params={**params, "iqr_ms": r.torch.iqr_ms},
+            )
+            yield self._row(f"{prefix}.ratio_vs_torch", r.ratio_vs_torch, "x", params=params)
+            yield self._row(f"{prefix}.gbps", r.gbps, "GB/s", params=params)
+            yield self._row(f"{prefix}.tflops", r.tflops, "TFLOP/s", params=params)
+            yield self._row(
+                f"{prefix}.pct_peak", r.pct_of_peak, "%", params={**params, "bound": r.bound}
+            )
+            yield self._row(f"{prefix}.max_abs_err", r.max_abs_err, "abs", params=params)
+            if r.extra_bytes is not None:
+                yield self._row(f"{prefix}.extra_bytes", r.extra_bytes, "bytes", params=params)
+            if r.cpu is not None and r.speedup_vs_cpu is not None:
+                yield self._row(
+                    f"{prefix}.cpu_ms",
+                    r.cpu.median_ms,
+                    "ms",
+                    samples=r.cpu.samples_ms,
+                    params=params,
+                )
+                yield self._row(f"{prefix}.speedup_vs_cpu", r.speedup_vs_cpu, "x", params=params)
+
+    def summary(self) -> dict[str, Any]:
+        """The figures as one JSON-ready dict (the benchmark script's last line)."""
+        return {
+            "session_id": self.session_id,
+            "device": self.device,
+            "device_name": self.device_info.name,
+            "sizes": self.sizes,
+            "env_fingerprint": self.env_fingerprint,
+            "commit": self.environment.get("git_commit"),
+            "torch": torch.__version__,
+            "threads": self.config.get("cpu_threads"),
+            "peak": {
+                "copy_gbps": _r(self.peak.copy_gbps),
+                "matmul_tflops": {k: _r(v) for k, v in self.peak.matmul_tflops.items()},
+            },
+            "ops": {
+                r.case.key: {
+                    "shape": r.case.shape_label,
+                    "ours_ms": _r(r.ours.median_ms),
+                    "ours_iqr_ms": _r(r.ours.iqr_ms),
+                    "torch_ms": _r(r.torch.median_ms),
+                    "ratio": _r(r.ratio_vs_torch),
+                    "gbps": _r(r.gbps),
+                    "tflops": _r(r.tflops),
+                    "pct_peak": _r(r.pct_of_peak),
+                    "bound": r.bound,
+                    "max_err": float(f"{r.max_abs_err:.3g}"),
+                    "extra_mb": None if r.extra_bytes is None else _r(r.extra_bytes / 2**20),
+                    "speedup_vs_cpu": None if r.speedup_vs_cpu is None else _r(r.speedup_vs_cpu),
+                    "target_ms": r.target_ms,
+                    "meets_target": r.meets_target,
+                }
+                for r in self.results
+            },
+            "wall_s": _r(self.wall_s),
+        }
+
+    def table_rows(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "op": r.case.key,
+                "shape": r.case.shape_label,
+                "ours_ms": r.ours.median_ms,
+                "iqr_ms": r.ours.iqr_ms,
+                "torch_ms": r.torch.median_ms,
+                "ratio": r.ratio_vs_torch,
+                "GB/s": r.gbps,
+                "TFLOP/s": r.tflops,
+                "%peak": r.pct_of_peak,
+                "max_err": r.max_abs_err,
+                "extra_MB": None if r.extra_bytes is None else r.extra_bytes / 2**20,
+                "vs_cpu": r.speedup_vs_cpu,
+            }
+            for r in self.results
+        ]
+
+
+def _r(x: float) -> float:
+    return float(f"{x:.4g}")
+
+
+# --- the suite ------------------------------------------------------------------------
+
+
+class BenchmarkConfig(BaseModel):
+    device: str = "auto"
+    sizes: Sizes = "small"
+    warmup: int | None = None  # default: 1 (small) / 5 (full)
+    reps: int | None = None  # default: 5 (small) / 25 (full)
+    cpu_baseline: bool = True  # on a GPU, also time ours on the CPU for the speedup
+    cpu_reps: int = 3
+    ops: list[str] | None = None  # only these op names (default: all)
+    seed: int = 0
+    fallback: bool = False  # an absent device: fall back to the CPU instead of failing
+
+
+def _extra_bytes(fn: Callable[[], Any], device: torch.device) -> int:
+    """Peak memory one call adds on top of what was allocated before it (incl. output)."""
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        out = fn()
+        synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - base
+        del out
+        return int(peak)
+    with track_tensor_allocations() as tracker:
+        out = fn()
+    del out
+    return int(tracker.peak_bytes)
+
+
+def run_suite(config: BenchmarkConfig | None = None, **overrides: Any) -> SuiteResult:
+    """Run every case of ``config.sizes`` on ``config.device``; see the module docstring."""
+    cfg = (config or BenchmarkConfig()).model_copy(update=overrides)
+    started = time.perf_counter()
+    device = resolve_device(cfg.device, fallback=cfg.fallback)
+    warmup = cfg.warmup if cfg.warmup is not None else (1 if cfg.sizes == "small" else 5)
+    reps = cfg.reps if cfg.reps is not None else (5 if cfg.sizes == "small" else 25)
+    prev_threads = torch.get_num_threads()
+    threads = os.cpu_count() or 1
+    torch.set_num_threads(threads)  # a fair CPU: every core (torch may default to fewer)
+    try:
+        info = device_info(device)
+        env = environment(info)
+        peak = measure_peaks(device, cfg.sizes)
+        timer = Timer(device)
+        cpu_timer = Timer(torch.device("cpu"))
+        results: list[OpResult] = []
+        for case in cases_for(cfg.sizes, device):
+            if cfg.ops and case.op not in cfg.ops and case.name not in cfg.ops:
+                continue
+            log.info("benchmark %s %s on %s", case.key, case.shape_label, device)
+            results.append(_run_case(case, device, cfg, warmup, reps, timer, cpu_timer, peak))
+    finally:
+        torch.set_num_threads(prev_threads)
+    return SuiteResult(
+        session_id=uuid.uuid4().hex,
+        created_at=datetime.now(UTC),
+        sizes=cfg.sizes,
+        device=str(device),
+        device_info=info,
+        environment=env,
+        env_fingerprint=fingerprint(env),
+        peak=peak,
+        config={
+            "warmup": warmup,
+            "reps": reps,
+            "seed": cfg.seed,
+            "cpu_threads": threads,
+            "cpu_reps": cfg.cpu_reps,
+        },
+        results=results,
+        wall_s=time.perf_counter() - started,
+    )
+
+
+def _run_case(
+    case: OpCase,
+    device: torch.device,
+    cfg: BenchmarkConfig,
+    warmup: int,
+    reps: int,
+    timer: Timer,
+    cpu_timer: Timer,
+    peak: PeakFigures,
+) -> OpResult:
+    bench = _Bench(case, device, cfg.seed)
+    ours_t, torch_t = timer.interleaved([bench.ours, bench.baseline], warmup=warmup, reps=reps)
+    err = bench.max_abs_error(bench.ours())
+    torch_err = bench.max_abs_error(bench.baseline())
+    extra = _extra_bytes(bench.ours, device)
+    torch_extra = _extra_bytes(bench.baseline, device)
+    flops, nbytes = bench.flops(), bench.bytes()
+    secs = ours_t.median_ms * 1e-3
+    gbps, tflops = nbytes / secs / 1e9, flops / secs / 1e12
+    pct_bw = 100 * gbps / peak.copy_gbps
+    peak_flops = peak.matmul_tflops.get(bench.peak_key()) or peak.matmul_tflops["float32"]
+    pct_flops = 100 * tflops / peak_flops
+    notes: list[str] = []
+    if device.type == "cpu" and bench.dtype != torch.float32:
+        notes.append("computed in float32 on the CPU")
+    cpu_t, speedup = None, None
+    if device.type != "cpu" and cfg.cpu_baseline:
+        cpu_bench = _Bench(case, torch.device("cpu"), cfg.seed)
+        cpu_t = cpu_timer.measure(cpu_bench.ours, warmup=1, reps=cfg.cpu_reps)
+        speedup = cpu_t.median_ms / ours_t.median_ms
+        del cpu_bench
+    target = GPU_TARGETS.get(case.key) if (cfg.sizes == "full" and device.type == "cuda") else None
+    meets = None
+    if target is not None:
+        meets = ours_t.median_ms <= target["ms"] and extra <= target.get("extra_bytes", 1e30)
+    elif device.type == "cpu":
+        meets = ours_t.median_ms <= CPU_RATIO_TARGET * torch_t.median_ms
+    result = OpResult(
+        case=case,
+        device=str(device),
+        ours=ours_t,
+        torch=torch_t,
+        ratio_vs_torch=ours_t.median_ms / torch_t.median_ms,
+        flops=flops,
+        bytes=nbytes,
+        gbps=gbps,
+        tflops=tflops,
+        pct_peak_bw=pct_bw,
+        pct_peak_flops=pct_flops,
+        pct_of_peak=max(pct_bw, pct_flops),
+        bound="memory" if pct_bw >= pct_flops else "compute",
+        max_abs_err=err,
+        torch_max_abs_err=torch_err,
+        extra_bytes=extra,
+        torch_extra_bytes=torch_extra,
+        cpu=cpu_t,
+        speedup_vs_cpu=speedup,
+        target_ms=None if target is None else target["ms"],
+        meets_target=meets,
+        notes=notes,
+    )
+    del bench
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def format_table(result: SuiteResult) -> str:
+    """A plain-text table (no rich dependency: gpu/ stays torch + numpy + pydantic)."""
+    head = [
+        "op",
+        "shape",
+        "ours ms",
+        "iqr",
+        "torch ms",
+        "ratio",
+        "GB/s",
+        "TFLOP/s",
+        "%peak",
+        "max err",
+        "extra MB",
+        "vs cpu",
+    ]
+    rows = []
+    for r in result.results:
+        rows.append(
+            [
+                r.case.key,
+                r.case.shape_label,
+                f"{r.ours.median_ms:.4g}",
+                f"{r.ours.iqr_ms:.2g}",
+                f"{r.torch.median_ms:.4g}",
+                f"{r.ratio_vs_torch:.3f}",
+                f"{r.gbps:.4g}",
+                f"{r.tflops:.4g}",
+                f"{r.pct_of_peak:.1f}",
+                f"{r.max_abs_err:.2g}",
+                "-" if r.extra_bytes is None else f"{r.extra_bytes / 2**20:.1f}",
+                "-" if r.speedup_vs_cpu is None else f"{r.speedup_vs_cpu:.1f}x",
+            ]
+        )
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
+    p = result.peak
+    peaks = ", ".join(f"{k} {v:.3g}" for k, v in p.matmul_tflops.items())
+    lines.append(
+        f"device {result.device} ({result.device_info.name}); peaks: copy {p.copy_gbps:.4g} GB/s, "
+        f"matmul TFLOP/s {peaks}; timer {result.results[0].ours.timer if result.results else '-'}"
+        f"{' (cold L2)' if result.results and result.results[0].ours.cold else ' (warm)'}; "
+        f"fingerprint {result.env_fingerprint}"
+    )
+    return "\n".join(lines)
