@@ -341,7 +341,7 @@ def measure_peaks(device: torch.device, sizes: Sizes, *, reps: int | None = None
         copy_bytes = 256 * 1024**2
     src = torch.empty(copy_bytes // 4, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
-    t = timer.measure(lambda: dst.copy_(src), warmup=2, reps=reps)  # noqa: F821
+    t = timer.measure(lambda: dst.copy_(src), warmup=2, reps=reps)
     # Ceilings use the best repetition: a peak is what the device can do, and noise from
     # a shared machine only ever makes a repetition slower.
     copy_gbps = 2 * copy_bytes / (t.min_ms * 1e-3) / 1e9  # read + write

@@ -218,11 +218,14 @@ def pairwise_l2(
     result), clamped at 0 (rounding can make it slightly negative), then square-rooted.
     On GPUs the output is produced in row blocks of ``block_bytes`` (default 16 MB) so the
     clamp and sqrt read each block from L2 rather than HBM. ``allow_tf32`` trades ~3
-    decimal digits for ~8x matmul speed on Ampere+ (off by default).
+    decimal digits for ~8x matmul speed on Ampere+ (off by default). The result has the
+    inputs' dtype.
     """
     y = x if y is None else y
     _check_pair("x", x, "y", y)
-    cd = compute_dtype(x.dtype, x.device)
+    # Half inputs are computed in float32 on every device: ||x||^2 overflows float16 at
+    # |x| > 256, and the cancellation in ||x||^2 + ||y||^2 - 2x.y needs > 11 mantissa bits.
+    cd = torch.float32 if x.dtype in _HALF else x.dtype
     xa, ya = (x, y) if cd == x.dtype else (x.to(cd), y.to(cd))
     n, d = xa.shape
     m = ya.shape[0]
@@ -367,6 +370,8 @@ def plan_topk(
         per_row = qb * sb + copies * (dim * sb + 4)
         if selection == "grouped":
             per_row += qb * sb / _GROUP
+            # The k best groups' column numbers and scores (int64 + score, then gathered).
+            cand_bytes += qb * k * _GROUP * (8 + sb) * 2
         free = budget - query_bytes - cand_bytes
         rows = int(free // per_row) if free > 0 else 0
         if rows >= min(n_rows, 256) or qb == 1:
