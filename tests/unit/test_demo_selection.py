@@ -109,6 +109,11 @@ def test_text_level_functions_and_cache(selector: ds.DemoSelector) -> None:
     assert EXAMPLES[idx[0][0]][1] == "card_lost" and EXAMPLES[idx[1][0]][1] == "update_address"
     assert ds.CACHE.hits >= before + len(pool)  # the pool was embedded once, for the selector
     assert len(set(ds.diverse_pool(pool, 8))) == 8
+    # The dspy-level helpers: k diverse Examples, and a per-input nearest-demo picker.
+    demos = ds.diverse_demos(trainset(), 6, ["text"])
+    assert len({d.intent for d in demos}) >= 5
+    pick = ds.nearest_demo_picker(trainset(), 2, ["text"])
+    assert {d.intent for d in pick({"text": "my password stopped working"})} == {"reset_password"}
     with pytest.raises(ValueError, match="larger than the pool"):
         ds.nearest_demos(["x"], pool[:3], 4)
 
