@@ -425,7 +425,9 @@ class OpResult(BaseModel):
     device: str
     ours: Timing
     torch: Timing
-    ratio_vs_torch: float  # ours / plain torch (median); < 1 means ours is faster
+    # Median of the paired (interleaved, adjacent in time) ours/torch ratios: drift on a
+    # shared machine cancels within a pair. Below 1: ours is faster.
+    ratio_vs_torch: float
     flops: float
     bytes: float
     gbps: float
@@ -722,7 +724,9 @@ def _run_case(
         device=str(device),
         ours=ours_t,
         torch=torch_t,
-        ratio_vs_torch=ours_t.median_ms / torch_t.median_ms,
+        ratio_vs_torch=statistics.median(
+            o / t for o, t in zip(ours_t.samples_ms, torch_t.samples_ms, strict=True)
+        ),
         flops=flops,
         bytes=nbytes,
         gbps=gbps,
