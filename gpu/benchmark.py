@@ -206,9 +206,9 @@ class _Bench:
             ref = f64(self.inputs[0][:rows]) @ f64(self.inputs[1])
             got = out[:rows]
         elif c.op == "normalize":
-            a = f64(self.inputs[0][: rows * 64])
+            a = f64(self.inputs[0][: rows * 16])
             ref = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
-            got = out[: rows * 64]
+            got = out[: rows * 16]
         elif c.op == "pairwise_l2":
             a, b = f64(self.inputs[0][:rows]), f64(self.inputs[1])
             sq = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * a @ b.T
@@ -618,6 +618,8 @@ class BenchmarkConfig(BaseModel):
     ops: list[str] | None = None  # only these op names (default: all)
     seed: int = 0
     fallback: bool = False  # an absent device: fall back to the CPU instead of failing
+    # Multiplies every row count (not the feature size): < 1 for smoke tests of the suite.
+    scale: float = Field(1.0, gt=0, le=1)
 
 
 def _extra_bytes(fn: Callable[[], Any], device: torch.device) -> int:
@@ -655,6 +657,15 @@ def run_suite(config: BenchmarkConfig | None = None, **overrides: Any) -> SuiteR
         cpu_timer = Timer(torch.device("cpu"))
         results: list[OpResult] = []
         for case in cases_for(cfg.sizes, device):
+            if cfg.scale != 1.0:
+                case = case.model_copy(
+                    update={
+                        "shape": {
+                            dim: v if dim == "d" else max(case.k or 1, int(v * cfg.scale))
+                            for dim, v in case.shape.items()
+                        }
+                    }
+                )
             if cfg.ops and case.op not in cfg.ops and case.name not in cfg.ops:
                 continue
             log.info("benchmark %s %s on %s", case.key, case.shape_label, device)

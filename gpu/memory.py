@@ -165,6 +165,12 @@ class _TrackingMode(TorchDispatchMode):
         super().__init__()
         self.tracker = tracker
 
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # Nothing is compiled under this mode; without this torch wraps __torch_dispatch__ in
+        # dynamo.disable, whose first call imports torch._dynamo (seconds on 2 cores).
+        return False
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
         # Storages of the inputs (including out= buffers) are not new allocations.

@@ -316,7 +316,8 @@ def test_run_chunked_covers_every_item_once_and_gives_up_clearly() -> None:
 
 
 def test_comprehensive_benchmark_suite_cpu(sqlite_url: str) -> None:
-    result = bench.run_suite(bench.BenchmarkConfig(device="cpu", sizes="small", warmup=0, reps=2))
+    cfg = bench.BenchmarkConfig(device="cpu", sizes="small", warmup=0, reps=2, scale=0.5)
+    result = bench.run_suite(cfg)
     keys = {r.case.key for r in result.results}
     assert {
         "matmul.fp32",
@@ -336,7 +337,8 @@ def test_comprehensive_benchmark_suite_cpu(sqlite_url: str) -> None:
         assert r.extra_bytes is not None and r.extra_bytes > 0
         assert r.speedup_vs_cpu is None and r.ours.timer == "perf_counter" and not r.ours.cold
     top = next(r for r in result.results if r.case.key == "topk_cosine.fp32")
-    assert top.torch_extra_bytes >= 64 * 10_000 * 4  # plain torch builds the q x N scores
+    assert top.case.shape == {"q": 32, "n": 5_000, "d": 384}
+    assert top.torch_extra_bytes >= 32 * 5_000 * 4  # plain torch builds the q x N scores
     assert top.extra_bytes <= ops.DEFAULT_MAX_BYTES
     assert result.peak.copy_gbps > 0 and result.peak.matmul_tflops["float32"] > 0
     assert len(result.env_fingerprint) == 16
@@ -351,7 +353,7 @@ def test_comprehensive_benchmark_suite_cpu(sqlite_url: str) -> None:
     assert repo.add_benchmark_results(rows) == len(rows)
     stored = repo.list_benchmark_results(session_id=result.session_id)
     assert len(stored) == len(rows)
-    ms = [s for s in stored if s.metric == "gpu.topk_cosine.fp32.64x10000x384.cpu.ms"]
+    ms = [s for s in stored if s.metric == "gpu.topk_cosine.fp32.32x5000x384.cpu.ms"]
     assert ms and ms[0].samples and ms[0].env_fingerprint == result.env_fingerprint
     assert ms[0].unit == "ms" and ms[0].params["op"] == "topk_cosine"
 
@@ -365,7 +367,17 @@ def test_environment_fingerprint_is_stable_and_ignores_the_commit() -> None:
     assert bench.fingerprint({**env, "torch_version": "0.0"}) != fp
 
 
-def test_scaling_with_matrix_size() -> None:
+@pytest.fixture
+def one_thread():
+    """Timing comparisons on one thread: on a busy 2-core machine, OpenMP barriers wait for
+    the other core's time slice and add milliseconds of noise to every parallel op."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def test_scaling_with_matrix_size(one_thread: None) -> None:
     timer = bench.Timer(torch.device("cpu"))
     times = {}
     for n in (128, 512):
@@ -399,19 +411,19 @@ def test_warmup_effect_measurement() -> None:
     assert real.first_call_ms and real.first_call_ms > 0 and real.min_ms > 0
 
 
-def test_batch_operation_efficiency() -> None:
-    q, db = rand(32, 384), ops.normalize_rows(rand(10_000, 384, seed=6))
+def test_batch_operation_efficiency(one_thread: None) -> None:
+    q, db = rand(16, 384), ops.normalize_rows(rand(5_000, 384, seed=6))
     timer = bench.Timer(torch.device("cpu"))
     batched = timer.measure(lambda: ops.topk_cosine(q, db, 5, normalized=True), warmup=1, reps=3)
     single = timer.measure(
-        lambda: [ops.topk_cosine(q[i : i + 1], db, 5, normalized=True) for i in range(32)],
+        lambda: [ops.topk_cosine(q[i : i + 1], db, 5, normalized=True) for i in range(16)],
         warmup=1,
         reps=3,
     )
-    # One pass over the database instead of 32: at least 1.5x faster (usually ~10x).
+    # One pass over the database instead of 16: at least 1.5x faster (usually ~5x).
     assert batched.min_ms * 1.5 < single.min_ms, (batched.min_ms, single.min_ms)
     b_vals, b_idx = ops.topk_cosine(q, db, 5, normalized=True)
-    for i in (0, 17, 31):
+    for i in (0, 7, 15):
         s_vals, s_idx = ops.topk_cosine(q[i : i + 1], db, 5, normalized=True)
         torch.testing.assert_close(s_vals[0], b_vals[i])
 
