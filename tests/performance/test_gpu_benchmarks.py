@@ -161,6 +161,8 @@ def test_distance_computation(device: str, dtype: torch.dtype) -> None:
     np.testing.assert_allclose(
         f64(ops.pairwise_distances(x, y, "cosine")), cos_ref, atol=TOL[dtype] * 2
     )
+    # Row-blocked output (the GPU default, 16 MB blocks) gives the same distances.
+    torch.testing.assert_close(ops.pairwise_l2(x, y, block_bytes=4 * 50 * 7), ops.pairwise_l2(x, y))
     self_d = ops.pairwise_l2(x)
     assert (f64(self_d) >= 0).all()  # clamped: rounding never yields a negative distance
     assert np.abs(np.diag(f64(self_d))).max() < (0.05 if dtype == torch.float32 else 0.6)
@@ -208,6 +210,7 @@ def test_tensor_operation_correctness_topk(device: str, dtype: torch.dtype) -> N
         {"max_bytes": 150_000},
         {"chunk_rows": 257},
         {"selection": "grouped"},
+        {"selection": "grouped", "chunk_rows": 1500},  # 2 chunks, each with a ragged tail
         {"selection": "topk", "chunk_rows": 1000},
     ):
         res = ops.topk_cosine_search(q, db, 9, **kwargs)
