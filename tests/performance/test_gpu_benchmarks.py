@@ -334,6 +334,7 @@ def test_comprehensive_benchmark_suite_cpu(sqlite_url: str) -> None:
         assert r.ours.median_ms > 0 and r.torch.median_ms > 0 and len(r.ours.samples_ms) == 2
         pairs = [o / t for o, t in zip(r.ours.samples_ms, r.torch.samples_ms, strict=True)]
         assert min(pairs) <= r.ratio_vs_torch <= max(pairs)
+        assert r.meets_target == (r.ratio_vs_torch <= bench.CPU_RATIO_TARGET)
         assert r.gbps > 0 and r.tflops > 0 and r.pct_of_peak > 0
         tol = 1e-3 if r.case.dtype == "float32" else 2e-2
         assert r.max_abs_err < tol * (100 if r.case.op == "matmul" else 1), r.case.key
