@@ -109,16 +109,24 @@ def load_tiers(
         value = state.result(raise_on_failure=False)
         tier = config.name.removeprefix("tier-")
         if isinstance(value, LoadTestOutcome):
-            results.append(TierOutcome(tier=tier, passed=True, run_id=value.run_id,
-                                       outcome=value))
+            results.append(TierOutcome(tier=tier, passed=True, run_id=value.run_id, outcome=value))
         elif isinstance(value, ThresholdsBreachedError):
-            results.append(TierOutcome(tier=tier, passed=False, run_id=value.outcome.run_id,
-                                       error=str(value), outcome=value.outcome))
+            results.append(
+                TierOutcome(
+                    tier=tier,
+                    passed=False,
+                    run_id=value.outcome.run_id,
+                    error=str(value),
+                    outcome=value.outcome,
+                )
+            )
         else:
             results.append(TierOutcome(tier=tier, passed=False, run_id=None, error=str(value)))
     for r in results:
-        print(f"tier {r.tier}: {'PASS' if r.passed else 'FAIL'}"
-              + (f" ({r.error})" if r.error else ""))
+        print(
+            f"tier {r.tier}: {'PASS' if r.passed else 'FAIL'}"
+            + (f" ({r.error})" if r.error else "")
+        )
     failed = [r.tier for r in results if not r.passed]
     if failed:
         raise RuntimeError(f"load tiers failed: {', '.join(failed)}")

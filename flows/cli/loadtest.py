@@ -6,6 +6,8 @@ Exit codes: 0 passed, 1 a threshold was breached (or the run failed), 2 bad inpu
 from __future__ import annotations
 
 import json
+import logging
+import os
 import sys
 import uuid
 from typing import Any
@@ -69,8 +71,14 @@ def loadtest(
 
         repo = Repository()  # the database answers before Prefect starts
 
+    # The ephemeral server's telemetry write races its own SQLite ("database is locked").
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from flows.load_test import load_test
 
+    if not verbose:
+        # A breach fails the flow run by raising; the CLI says so in one line, so Prefect's
+        # traceback of it is noise here (it stays in the UI and in --verbose).
+        logging.getLogger("prefect.flow_runs").setLevel(logging.CRITICAL)
     run_id = uuid.uuid4().hex
     state = load_test(config, run_id=run_id, return_state=True)
     with user_errors():
@@ -110,8 +118,9 @@ def _run_payload(run: Any) -> dict[str, Any]:
 def _print_run(p: dict[str, Any]) -> None:
     summary = p.get("summary") or {}
     verdict = {True: "[green]passed[/]", False: "[red]FAILED[/]", None: "-"}[p["passed"]]
-    console.print(f"load test [bold]{p['id']}[/] {p['name']} ({p['pattern']}): {p['state']}, "
-                  f"{verdict}")
+    console.print(
+        f"load test [bold]{p['id']}[/] {p['name']} ({p['pattern']}): {p['state']}, {verdict}"
+    )
     console.print(f"  target {p['target']}")
     if "overall" not in summary:
         if summary.get("error"):
@@ -120,28 +129,32 @@ def _print_run(p: dict[str, Any]) -> None:
     rows = []
     for phase_name, stats in [("overall", summary["overall"]), *summary["phases"].items()]:
         r = stats["response"]
-        rows.append({
-            "phase": phase_name,
-            "requests": stats["requests"],
-            "errors": stats["errors"],
-            "error_rate": stats["error_rate"],
-            "dropped": stats["dropped"],
-            "target_rps": stats["target_rps"],
-            "achieved_rps": stats["achieved_rps"],
-            "p50_ms": r["p50_ms"],
-            "p95_ms": r["p95_ms"],
-            "p99_ms": r["p99_ms"],
-            "max_ms": r["max_ms"],
-        })
+        rows.append(
+            {
+                "phase": phase_name,
+                "requests": stats["requests"],
+                "errors": stats["errors"],
+                "error_rate": stats["error_rate"],
+                "dropped": stats["dropped"],
+                "target_rps": stats["target_rps"],
+                "achieved_rps": stats["achieved_rps"],
+                "p50_ms": r["p50_ms"],
+                "p95_ms": r["p95_ms"],
+                "p99_ms": r["p99_ms"],
+                "max_ms": r["max_ms"],
+            }
+        )
     emit_rows(rows, OutputFormat.table)
     for t in p.get("thresholds") or []:
         if "passed" in t:
             mark = "[green]pass[/]" if t["passed"] else "[red]FAIL[/]"
-            console.print(f"  threshold {t['expr']}: observed {t['observed']} {mark}",
-                          highlight=False)
+            console.print(
+                f"  threshold {t['expr']}: observed {t['observed']} {mark}", highlight=False
+            )
     for b in summary.get("bottlenecks", []):
-        console.print(f"  bottleneck {b['component']} ({b['severity']}): {b['message']}",
-                      highlight=False)
+        console.print(
+            f"  bottleneck {b['component']} ({b['severity']}): {b['message']}", highlight=False
+        )
     if p.get("report_path"):
         console.print(f"  report {p['report_path']}", highlight=False)
 
@@ -159,20 +172,22 @@ def loadtests_list(
     rows = []
     for run in runs:
         steady = _steady(run.summary)
-        rows.append({
-            "id": run.id,
-            "name": run.name,
-            "pattern": run.pattern,
-            "target": run.target,
-            "state": run.state,
-            "passed": run.passed,
-            "started_at": run.started_at,
-            "requests": steady.get("requests"),
-            "achieved_rps": steady.get("achieved_rps"),
-            "p95_ms": (steady.get("response") or {}).get("p95_ms"),
-            "p99_ms": (steady.get("response") or {}).get("p99_ms"),
-            "error_rate": steady.get("error_rate"),
-        })
+        rows.append(
+            {
+                "id": run.id,
+                "name": run.name,
+                "pattern": run.pattern,
+                "target": run.target,
+                "state": run.state,
+                "passed": run.passed,
+                "started_at": run.started_at,
+                "requests": steady.get("requests"),
+                "achieved_rps": steady.get("achieved_rps"),
+                "p95_ms": (steady.get("response") or {}).get("p95_ms"),
+                "p99_ms": (steady.get("response") or {}).get("p99_ms"),
+                "error_rate": steady.get("error_rate"),
+            }
+        )
     emit_rows(
         rows,
         fmt,
@@ -200,12 +215,20 @@ def loadtests_show(
         run = repo.get_load_test(_resolve(repo, run_id))
     if fmt is OutputFormat.csv:
         emit_rows(
-            [{
-                "window": w.window_index, "start_s": w.start_s, "phase": w.phase,
-                "target_rate": w.target_rate, "achieved_rate": w.achieved_rate,
-                "requests": w.requests, "errors": w.errors, "dropped": w.dropped,
-                "max_in_flight": w.max_in_flight,
-            } for w in run.windows],
+            [
+                {
+                    "window": w.window_index,
+                    "start_s": w.start_s,
+                    "phase": w.phase,
+                    "target_rate": w.target_rate,
+                    "achieved_rate": w.achieved_rate,
+                    "requests": w.requests,
+                    "errors": w.errors,
+                    "dropped": w.dropped,
+                    "max_in_flight": w.max_in_flight,
+                }
+                for w in run.windows
+            ],
             fmt,
         )
         return

@@ -1,0 +1,156 @@
+"""The load-test specification: one pydantic model for the CLI, the flow and Python callers.
+
+Everything is validated before a request is sent; errors name the field.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from tasks.load.bottlenecks import BottleneckSettings
+from tasks.load.patterns import (
+    ConstantPattern,
+    LoadPattern,
+    RampPattern,
+    SpikePattern,
+    WavePattern,
+)
+from tasks.load.thresholds import parse_threshold
+
+PatternName = Literal["constant", "ramp", "spike", "wave"]
+
+
+class LoadTestConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field("load-test", min_length=1, max_length=200)
+
+    # --- the target: an HTTP endpoint, an in-process callable ("package.module:function",
+    # called with no arguments; sync ones run in a thread pool), or an optimized DSPy
+    # program from the database. Python callers may pass a live target object instead.
+    url: str | None = None
+    callable: str | None = Field(None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+    method: Literal["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"] = "GET"
+    headers: dict[str, str] = Field(default_factory=dict)
+    json_body: Any = None
+    ok_statuses: list[int] | None = None  # default: any status below 400
+    http_client: Literal["aiohttp", "httpx"] = "aiohttp"
+    program_run_id: str | None = None
+    program_inputs: list[dict[str, Any]] = Field(default_factory=list)
+    lm: str | dict[str, Any] | None = None  # a tasks.spec.LMSpec (or its model string)
+
+    # --- the load ----------------------------------------------------------------------------
+    pattern: PatternName = "constant"
+    rps: float = Field(gt=0, description="steady (peak for ramp, mean for wave) requests/s")
+    duration_s: float = Field(gt=0, le=86_400)
+    max_concurrency: int = Field(100, ge=1, le=100_000)
+    on_full: Literal["wait", "drop"] = "wait"
+    timeout_s: float = Field(30.0, gt=0)
+    arrivals: Literal["uniform", "poisson"] = "uniform"
+    seed: int | None = None
+    warmup_s: float | None = Field(None, ge=0)
+    cooldown_s: float | None = Field(None, ge=0)
+    # ramp: warm-up at start_rps, ramp_s to rps, hold, cool-down back to start_rps
+    ramp_s: float | None = Field(None, ge=0)
+    start_rps: float | None = Field(None, ge=0)
+    # spike: rps, then spike_rps (default rps x spike_multiplier) for spike_s from spike_start_s
+    spike_rps: float | None = Field(None, gt=0)
+    spike_multiplier: float = Field(5.0, ge=1)
+    spike_start_s: float | None = Field(None, ge=0)
+    spike_s: float | None = Field(None, gt=0)
+    # wave: rps x (1 + wave_amplitude x sin(2 pi t / wave_period_s))
+    wave_period_s: float | None = Field(None, gt=0)
+    wave_amplitude: float = Field(0.5, ge=0, le=1)
+
+    # --- measuring and judging ------------------------------------------------------------------
+    window_s: float = Field(1.0, gt=0, le=60)
+    monitor_interval_s: float = Field(0.5, gt=0, le=60)
+    thresholds: list[str] = Field(default_factory=list)
+    bottlenecks: BottleneckSettings = Field(default_factory=BottleneckSettings)
+    report_path: str | None = None  # HTML; the Markdown report goes next to it
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value.strip())
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{value!r} is not an http(s) URL with a host")
+        try:
+            _ = parts.port
+        except ValueError as exc:
+            raise ValueError(f"{value!r} has a bad port: {exc}") from None
+        return value.strip()
+
+    @field_validator("thresholds")
+    @classmethod
+    def _check_thresholds(cls, value: list[str]) -> list[str]:
+        for expr in value:
+            parse_threshold(expr)  # raises ThresholdError (a ValueError) with the reason
+        return value
+
+    @model_validator(mode="after")
+    def _check_shape(self) -> LoadTestConfig:
+        given = [f for f in ("url", "callable", "program_run_id") if getattr(self, f) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one target, not {' and '.join(given)}")
+        if self.program_run_id is not None and not self.program_inputs:
+            raise ValueError("program_inputs: a program target needs at least one input dict")
+        p = self.build_pattern()
+        edges = p.warmup_s + p.cooldown_s + (p.ramp_s if isinstance(p, RampPattern) else 0.0)
+        if edges >= self.duration_s:
+            raise ValueError(
+                f"warmup_s + cooldown_s{' + ramp_s' if self.pattern == 'ramp' else ''} "
+                f"({edges:g} s) must be shorter than duration_s ({self.duration_s:g} s)"
+            )
+        if isinstance(p, SpikePattern) and p.spike_start_s + p.spike_s > self.duration_s:
+            raise ValueError("spike_start_s + spike_s must not pass duration_s")
+        return self
+
+    @property
+    def has_target(self) -> bool:
+        return any(getattr(self, f) is not None for f in ("url", "callable", "program_run_id"))
+
+    @property
+    def target_label(self) -> str:
+        if self.url:
+            return self.url
+        if self.callable:
+            return f"callable:{self.callable}"
+        return f"program:{self.program_run_id}" if self.program_run_id else "in-process"
+
+    def build_pattern(self) -> LoadPattern:
+        d = self.duration_s
+        if self.pattern == "ramp":
+            # Defaults: 10 % warm-up at 10 % of the rate, 30 % ramp, hold, 10 % cool-down.
+            return RampPattern(
+                rps=self.rps,
+                duration=d,
+                warmup_s=d * 0.1 if self.warmup_s is None else self.warmup_s,
+                ramp_s=d * 0.3 if self.ramp_s is None else self.ramp_s,
+                cooldown_s=d * 0.1 if self.cooldown_s is None else self.cooldown_s,
+                start_rps=self.rps * 0.1 if self.start_rps is None else self.start_rps,
+            )
+        edges = {"warmup_s": self.warmup_s or 0.0, "cooldown_s": self.cooldown_s or 0.0}
+        if self.pattern == "spike":
+            return SpikePattern(
+                rps=self.rps,
+                duration=d,
+                spike_rps=self.spike_rps or self.rps * self.spike_multiplier,
+                spike_start_s=d * 0.4 if self.spike_start_s is None else self.spike_start_s,
+                spike_s=self.spike_s or d * 0.2,
+                **edges,
+            )
+        if self.pattern == "wave":
+            return WavePattern(
+                rps=self.rps,
+                duration=d,
+                period_s=self.wave_period_s or d / 2,
+                amplitude=self.wave_amplitude,
+                **edges,
+            )
+        return ConstantPattern(rps=self.rps, duration=d, **edges)
