@@ -71,9 +71,12 @@ def test_transient_lm_errors_are_retried(prefect_harness, use_database) -> None:
 @pytest.mark.local_lm
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="needs the `local` extra")
-def test_local_lm_cycle_small_budget(prefect_harness, use_database) -> None:
-    """The real local LM (SmolLM2-135M via llama.cpp) through a whole MIPROv2 cycle."""
+def test_local_lm_cycle_small_budget(prefect_harness, sqlite_url, monkeypatch) -> None:
+    """The real local LM (SmolLM2-135M via llama.cpp) through a whole MIPROv2 cycle.
+    (On SQLite only: the database paths are covered by the sim tests on both.)"""
     from flows.optimization import optimization_cycle
+
+    monkeypatch.setenv("DSPYFLOW_DATABASE_URL", sqlite_url)
 
     spec = CycleSpec(task="intent", lm=LMSpec(model="local"), max_train=8, max_val=8, max_test=12)
     summary = optimization_cycle(spec)
