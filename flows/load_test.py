@@ -25,11 +25,12 @@ def load_test(config: LoadTestConfig, run_id: str | None = None) -> LoadTestOutc
     try:
         result = steps.generate(config)
         verdict = steps.evaluate(result, config)
-        html_path, md_path = steps.report(run_id, config, result, verdict)
-        steps.record(run_id, result, verdict, html_path)
+        steps.record(run_id, result, verdict)
     except BaseException as exc:
         steps.record_crash(run_id, exc)
         raise
+    # After the record: a report that fails fails the flow run, never loses the data.
+    html_path, md_path = steps.report(run_id, config, result, verdict)
     outcome = LoadTestOutcome(
         run_id=run_id,
         name=config.name,

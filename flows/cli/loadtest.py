@@ -91,6 +91,8 @@ def loadtest(
         sys.stdout.write(json.dumps(payload, indent=2, default=str) + "\n")
     else:
         _print_run(payload)
+    if state.is_failed() and run.passed:  # recorded and passed, then the report failed
+        fail(f"load test {run_id}: {state.message}", code=1)
     if not run.passed:
         breached = [t["expr"] for t in run.thresholds or [] if not t.get("passed")]
         fail(f"threshold breached: {', '.join(breached)}", code=1)

@@ -86,6 +86,7 @@ def report(
         config=config.model_dump(mode="json"),
     )
     html_path, md_path = write_reports(data, config.report_path or default_report_path(run_id))
+    store.set_report_path(Repository(), run_id, str(html_path))
     create_markdown_artifact(
         key=f"load-test-{run_id[:12]}",
         markdown=render_markdown(data, html_path=str(html_path)),
@@ -95,8 +96,8 @@ def report(
 
 
 @task(name="load-test-record", **_TASK_OPTIONS)
-def record(run_id: str, result: LoadTestResult, verdict: Verdict, report_html: str) -> None:
-    store.finish_record(Repository(), run_id, result, verdict, report_path=report_html)
+def record(run_id: str, result: LoadTestResult, verdict: Verdict) -> None:
+    store.finish_record(Repository(), run_id, result, verdict)
 
 
 def record_crash(run_id: str, exc: BaseException) -> None:

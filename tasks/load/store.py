@@ -102,6 +102,10 @@ def finish_record(
     )
 
 
+def set_report_path(repo: Repository, run_id: str, path: str) -> None:
+    repo.finish_load_test(run_id, windows=[], report_path=path)  # no windows: fields only
+
+
 def crash_record(repo: Repository, run_id: str, error: BaseException) -> None:
     repo.finish_load_test(
         run_id,

@@ -705,3 +705,30 @@ def test_generator_runs_inside_a_running_event_loop(server: LoopbackServer) -> N
         return run_load_test(_config(server, rps=20, duration_s=0.5)).summary.overall.requests
 
     assert asyncio.run(caller()) == 10
+
+
+def test_dspy_program_target_loads_the_optimized_program(repo) -> None:  # type: ignore[no-untyped-def]
+    """An optimized program stored by an optimization run, called in-process with an LM."""
+    import dspy
+    from dspy.utils import DummyLM
+
+    from storage.models import RunState
+    from tasks.load.targets import dspy_program_target
+    from tasks.programs import get_task
+
+    program = get_task("intent").build_program()
+    program.classify.signature = program.classify.signature.with_instructions("Be terse.")
+    run_id = repo.create_run(task="intent", optimizer="mipro", budget="light", lm="dummy", spec={})
+    repo.finish_run(run_id, RunState.succeeded, program_state=program.dump_state())
+
+    lm = DummyLM([{"intent": "check_balance"}] * 50)
+    target = dspy_program_target(
+        run_id, lm=lm, inputs=[{"text": "what is my balance?"}], repository=repo
+    )
+    result = run_load_test(LoadTestConfig(rps=20, duration_s=0.5, max_concurrency=4), target)
+    s = result.summary.overall
+    assert s.requests == 10 and s.errors == 0, result.summary.error_samples
+    assert target.name.startswith("dspy:intent:")
+    assert len(lm.history) == 10  # every request reached the LM, through dspy.context
+    assert "Be terse." in str(lm.history[0]["messages"])  # the stored state was loaded
+    assert dspy.settings.lm is None  # the global LM was never set
