@@ -106,8 +106,17 @@ def normalize_rows(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     bandwidth floor); elsewhere torch's two kernels (a norm reduction, then a divide).
     """
     _check_matrix("x", x)
-    if x.device.type == "cuda" and _triton_usable() and x.shape[1] <= 16384:
-        return _normalize_rows_triton(x, eps)
+    if x.device.type == "cuda" and x.shape[1] <= 16384 and _triton_usable():
+        try:
+            return _normalize_rows_triton(x, eps)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as exc:  # a Triton that cannot compile here: eager, once warned
+            _TRITON_FAILED.append(f"{type(exc).__name__}: {exc}")
+            log.warning(
+                "fused Triton normalization failed (%s); using torch ops from now on",
+                _TRITON_FAILED[-1].splitlines()[0],
+            )
     return _normalize_rows_eager(x, eps)
 
 
@@ -120,8 +129,15 @@ def _normalize_rows_eager(x: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.div(x, norm.clamp_min_(eps))
 
 
-@lru_cache(maxsize=1)
+_TRITON_FAILED: list[str] = []  # why the fused kernel was given up, if it was
+
+
 def _triton_usable() -> bool:
+    return not _TRITON_FAILED and _triton_importable()
+
+
+@lru_cache(maxsize=1)
+def _triton_importable() -> bool:
     if os.environ.get("DSPYFLOW_DISABLE_TRITON", "") not in ("", "0"):
         return False
     try:
