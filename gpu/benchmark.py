@@ -56,11 +56,17 @@ class OpCase(BaseModel):
     dtype: str
     shape: dict[str, int]
     k: int | None = None
-    tf32: bool = False
+    # "tf32": fp32 matmuls on TF32 tensor cores (ours and the baseline alike);
+    # "fused": top-k through the fused Triton group-max GEMM (`selection="fused"`).
+    variant: Literal["", "tf32", "fused"] = ""
+
+    @property
+    def tf32(self) -> bool:
+        return self.variant == "tf32"
 
     @property
     def name(self) -> str:
-        return f"{self.op}{'_tf32' if self.tf32 else ''}"
+        return f"{self.op}_{self.variant}" if self.variant else self.op
 
     @property
     def key(self) -> str:
@@ -81,7 +87,19 @@ def cases_for(sizes: Sizes, device: torch.device) -> list[OpCase]:
             OpCase(op="cosine_similarity", dtype="float32", shape={"n": 512, "m": 1024, "d": 384}),
             OpCase(op="topk_cosine", dtype="float32", shape={"q": 64, "n": 10_000, "d": 384}, k=10),
             OpCase(op="topk_cosine", dtype="float16", shape={"q": 64, "n": 10_000, "d": 384}, k=10),
-        ]
+        ] + (
+            [
+                OpCase(
+                    op="topk_cosine",
+                    dtype="float16",
+                    shape={"q": 64, "n": 10_000, "d": 384},
+                    k=10,
+                    variant="fused",
+                )
+            ]
+            if device.type == "cuda"
+            else []
+        )
     full = [
         OpCase(op="matmul", dtype="float16", shape={"m": 8192, "k": 8192, "n": 8192}),
         OpCase(op="normalize", dtype="float32", shape={"n": 1_000_000, "d": 384}),
@@ -91,18 +109,29 @@ def cases_for(sizes: Sizes, device: torch.device) -> list[OpCase]:
             op="topk_cosine", dtype="float16", shape={"q": 1024, "n": 1_000_000, "d": 384}, k=10
         ),
     ]
-    if device.type == "cuda":  # the TF32 variant only means something on tensor-core GPUs
-        full.append(
+    if device.type == "cuda":  # variants that only mean something on (tensor-core) GPUs
+        full += [
             OpCase(
-                op="pairwise_l2", dtype="float32", shape={"n": 8192, "m": 8192, "d": 384}, tf32=True
-            )
-        )
+                op="pairwise_l2",
+                dtype="float32",
+                shape={"n": 8192, "m": 8192, "d": 384},
+                variant="tf32",
+            ),
+            OpCase(
+                op="topk_cosine",
+                dtype="float16",
+                shape={"q": 1024, "n": 1_000_000, "d": 384},
+                k=10,
+                variant="fused",
+            ),
+        ]
     return full
 
 
 # Targets for the full sizes on an H100/H200 (ms, extra bytes); on CPUs: ratio <= 1.2.
 GPU_TARGETS: dict[str, dict[str, float]] = {
     "topk_cosine.fp16": {"ms": 1.5, "extra_bytes": 1024**3},
+    "topk_cosine_fused.fp16": {"ms": 1.5, "extra_bytes": 1024**3},
     "normalize.fp32": {"ms": 1.0},
     "pairwise_l2.fp32": {"ms": 1.2},
 }
@@ -147,6 +176,9 @@ class _Bench:
             return ops.pairwise_l2(*x, allow_tf32=c.tf32)
         if c.op == "cosine_similarity":
             return ops.cosine_similarity(*x)
+        if c.variant == "fused":
+            res = ops.topk_cosine_search(x[0], x[1], c.k or 1, normalized=True, selection="fused")
+            return res.values, res.indices
         return ops.topk_cosine(x[0], x[1], c.k or 1, normalized=True)
 
     def baseline(self) -> Any:
@@ -506,7 +538,7 @@ class SuiteResult(BaseModel):
                 "dtype": c.dtype,
                 "shape": c.shape,
                 "k": c.k,
-                "tf32": c.tf32,
+                "variant": c.variant,
                 "cold": r.ours.cold,
                 "timer": r.ours.timer,
                 **self.config,
@@ -720,7 +752,9 @@ def _run_case(
         notes.append("computed in float32 on the CPU")
     cpu_t, speedup = None, None
     if device.type != "cpu" and cfg.cpu_baseline:
-        cpu_bench = _Bench(case, torch.device("cpu"), cfg.seed)
+        # The fused kernel is GPU-only: the CPU does the same op its own (default) way.
+        cpu_case = case.model_copy(update={"variant": ""}) if case.variant == "fused" else case
+        cpu_bench = _Bench(cpu_case, torch.device("cpu"), cfg.seed)
         cpu_t = cpu_timer.measure(cpu_bench.ours, warmup=1, reps=cfg.cpu_reps)
         speedup = cpu_t.median_ms / ours_t.median_ms
         del cpu_bench

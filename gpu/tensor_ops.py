@@ -31,6 +31,7 @@ _HALF = (torch.float16, torch.bfloat16)
 # multi-pass radix select over the whole (chunk-wide) row on GPUs.
 _GROUP = 32
 _MERGE_EVERY = 8  # merge partial top-k lists after this many chunks: bounded memory
+_RESCORE_BYTES = 32 * 1024**2  # fused top-k: gathered candidate rows at once
 
 
 # --- validation -----------------------------------------------------------------------
@@ -212,6 +213,138 @@ def _normalize_rows_triton(x: torch.Tensor, eps: float) -> torch.Tensor:
     return out
 
 
+@lru_cache(maxsize=1)
+def _build_group_max_kernel() -> tuple[Any, Any]:
+    """A Triton GEMM whose epilogue keeps only the max of each group of `_GROUP` columns.
+
+    For the fused top-k: the q x N score matrix is never written (on an H100 that write
+    and its re-read cost as much as the GEMM itself); only q x N/32 float32 maxima are.
+    Returns (plain kernel, autotuned kernel). Checked here under TRITON_INTERPRET=1; its
+    speed is for a GPU run to establish (`selection="fused"` is opt-in until then).
+    """
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def group_max_mm_kernel(
+        q_ptr,
+        db_ptr,
+        out_ptr,
+        M,
+        N,
+        K,
+        n_groups,
+        stride_qm,
+        stride_qk,
+        stride_dn,
+        stride_dk,
+        stride_om,
+        stride_og,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        GROUP: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + offs_k
+            a = tl.load(
+                q_ptr + offs_m[:, None].to(tl.int64) * stride_qm + kk[None, :] * stride_qk,
+                mask=(offs_m[:, None] < M) & (kk[None, :] < K),
+                other=0.0,
+            )
+            b = tl.load(
+                db_ptr + offs_n[None, :].to(tl.int64) * stride_dn + kk[:, None] * stride_dk,
+                mask=(offs_n[None, :] < N) & (kk[:, None] < K),
+                other=0.0,
+            )
+            acc = tl.dot(a, b, acc)
+        acc = tl.where(offs_n[None, :] < N, acc, float("-inf"))  # padding never wins
+        group_max = tl.max(tl.reshape(acc, (BLOCK_M, BLOCK_N // GROUP, GROUP)), axis=2)
+        offs_g = pid_n * (BLOCK_N // GROUP) + tl.arange(0, BLOCK_N // GROUP)
+        tl.store(
+            out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_g[None, :] * stride_og,
+            group_max,
+            mask=(offs_m[:, None] < M) & (offs_g[None, :] < n_groups),
+        )
+
+    configs = [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64}, num_warps=w, num_stages=st)
+        for bm, bn, w, st in ((128, 256, 8, 3), (128, 128, 8, 4), (64, 256, 4, 4), (128, 128, 4, 3))
+    ]
+    tuned = triton.autotune(configs=configs, key=["K"])(group_max_mm_kernel)
+    return group_max_mm_kernel, tuned
+
+
+def _fused_usable(device: torch.device) -> bool:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return _triton_importable()  # the CPU interpreter: for checking, not speed
+    return device.type == "cuda" and _triton_usable()
+
+
+def _group_max_scores(qn: torch.Tensor, chunk: torch.Tensor) -> torch.Tensor:
+    """(q, ceil(c / _GROUP)) float32: the max cosine score in each group of chunk rows."""
+    plain, tuned = _build_group_max_kernel()
+    q, d = qn.shape
+    c = chunk.shape[0]
+    n_groups = (c + _GROUP - 1) // _GROUP
+    out = torch.empty((q, n_groups), dtype=torch.float32, device=qn.device)
+    args = (
+        qn,
+        chunk,
+        out,
+        q,
+        c,
+        d,
+        n_groups,
+        qn.stride(0),
+        qn.stride(1),
+        chunk.stride(0),
+        chunk.stride(1),
+        out.stride(0),
+        out.stride(1),
+    )
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        grid = ((q + 15) // 16, (c + 63) // 64)
+        plain[grid](*args, BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, GROUP=_GROUP)
+    else:
+
+        def grid(meta: dict[str, int]) -> tuple[int, int]:
+            return (
+                (q + meta["BLOCK_M"] - 1) // meta["BLOCK_M"],
+                (c + meta["BLOCK_N"] - 1) // meta["BLOCK_N"],
+            )
+
+        tuned[grid](*args, GROUP=_GROUP)
+    return out
+
+
+def _fused_topk(qn: torch.Tensor, chunk: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k of qn @ chunk.T without the score matrix: the group maxima pick the k
+    best groups of rows, whose k x 32 scores are then computed exactly."""
+    q, d = qn.shape
+    c = chunk.shape[0]
+    group_max = _group_max_scores(qn, chunk)
+    kk = min(k, group_max.shape[1])
+    best = torch.topk(group_max, kk, dim=1, sorted=False).indices
+    cols = (best.unsqueeze(2) * _GROUP + torch.arange(_GROUP, device=qn.device)).reshape(q, -1)
+    valid = cols < c
+    cols = cols.clamp_max_(c - 1)
+    scores = torch.empty(cols.shape, dtype=qn.dtype, device=qn.device)
+    step = max(1, _RESCORE_BYTES // (cols.shape[1] * d * qn.element_size()))
+    for s in range(0, q, step):  # gathered rows in query blocks: bounded memory
+        rows = chunk[cols[s : s + step]]  # (b, kk * 32, d)
+        scores[s : s + step] = torch.bmm(rows, qn[s : s + step].unsqueeze(2)).squeeze(2)
+    scores.masked_fill_(~valid, float("-inf"))
+    vals, pos = torch.topk(scores, min(k, c), dim=1, sorted=False)
+    return vals, torch.gather(cols, 1, pos)
+
+
 # --- distances and similarities -------------------------------------------------------
 
 
@@ -344,11 +477,14 @@ class TopKSearch(BaseModel):
     selection: str
 
 
+Selection = Literal["auto", "topk", "grouped", "fused"]
+
+
 class TopKPlan(BaseModel):
     query_block: int
     chunk_rows: int
     extra_bytes: int
-    selection: Literal["topk", "grouped"]
+    selection: Literal["topk", "grouped", "fused"]
 
 
 def plan_topk(
@@ -362,7 +498,7 @@ def plan_topk(
     normalized: bool,
     max_bytes: int = DEFAULT_MAX_BYTES,
     chunk_rows: int | None = None,
-    selection: Literal["auto", "topk", "grouped"] = "auto",
+    selection: Selection = "auto",
 ) -> TopKPlan:
     """How many queries and database rows to score at once to stay under ``max_bytes``.
 
@@ -383,7 +519,12 @@ def plan_topk(
     while True:
         query_bytes = 2 * qb * dim * sb  # the query block and its normalized copy
         cand_bytes = qb * k * (sb + 8) * (_MERGE_EVERY + 2)
-        per_row = qb * sb + copies * (dim * sb + 4)
+        per_row = copies * (dim * sb + 4)
+        if selection == "fused":  # no score block: float32 group maxima, then a rescore
+            per_row += qb * 4 / _GROUP
+            cand_bytes += _RESCORE_BYTES + qb * k * _GROUP * (8 + sb + 1)
+        else:
+            per_row += qb * sb
         if selection == "grouped":
             per_row += qb * sb / _GROUP
             # The k best groups' column numbers and scores (int64 + score, then gathered).
@@ -402,7 +543,7 @@ def plan_topk(
         )
     if rows >= n_rows:
         rows = n_rows
-    elif selection == "grouped" and rows >= _GROUP:
+    elif selection in ("grouped", "fused") and rows >= _GROUP:
         rows = rows // _GROUP * _GROUP
     extra = int(query_bytes + cand_bytes + per_row * rows)
     return TopKPlan(query_block=qb, chunk_rows=rows, extra_bytes=extra, selection=selection)
@@ -445,7 +586,7 @@ def topk_cosine_search(
     normalized: bool = False,
     max_bytes: int = DEFAULT_MAX_BYTES,
     chunk_rows: int | None = None,
-    selection: Literal["auto", "topk", "grouped"] = "auto",
+    selection: Selection = "auto",
     fault: Callable[[int], None] | None = None,
 ) -> TopKSearch:
     """The k database rows most cosine-similar to each query, chunked under a byte budget.
@@ -463,9 +604,19 @@ def topk_cosine_search(
         raise ValueError(f"max_bytes must be positive, got {max_bytes}")
     if chunk_rows is not None and chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
-    if selection not in ("auto", "topk", "grouped"):
-        raise ValueError(f"selection must be auto, topk or grouped, got {selection!r}")
+    if selection not in ("auto", "topk", "grouped", "fused"):
+        raise ValueError(f"selection must be auto, topk, grouped or fused, got {selection!r}")
     device = queries.device
+    # The fused kernel reads the rows as they are: they must be unit length already, and in
+    # a half type (fp32 tl.dot would round through TF32 and could pick wrong groups).
+    if selection == "fused" and (
+        not normalized or queries.dtype not in _HALF or not _fused_usable(device)
+    ):
+        raise ValueError(
+            "selection='fused' needs normalized=True, float16/bfloat16 inputs and a "
+            f"CUDA device with Triton; got normalized={normalized}, {queries.dtype} "
+            f"on {device}"
+        )
     plan = plan_topk(
         queries.shape[0],
         n_rows,
@@ -527,6 +678,10 @@ def _search_block(
             chunk = chunk.to(cd)
         if not normalized:
             chunk = normalize_rows(chunk)
+        if plan.selection == "fused":
+            v, i = _fused_topk(qn, chunk, k)
+            _commit(v, i, start)
+            return
         buf = state["buf"]
         if buf is None or buf.numel() < q * c:
             state["buf"] = None  # drop the old one before allocating the new one
@@ -538,6 +693,9 @@ def _search_block(
             v, i = _grouped_topk(scores, kk)
         else:
             v, i = torch.topk(scores, kk, dim=1, sorted=False)
+        _commit(v, i, start)
+
+    def _commit(v: torch.Tensor, i: torch.Tensor, start: int) -> None:
         vals, idx = [*state["vals"], v], [*state["idx"], i.add_(start)]
         if len(vals) >= _MERGE_EVERY:  # merge every few chunks: candidates stay bounded
             mv, mi = _merge(vals, idx, k)

@@ -495,11 +495,13 @@ def _has_triton() -> bool:
 
 
 @pytest.mark.skipif(not _has_triton(), reason="Triton is not installed (CUDA builds ship it)")
-def test_triton_normalize_kernel_in_interpreter() -> None:
+def test_triton_kernels_in_interpreter() -> None:
+    """The fused normalization and the fused group-max top-k, run by Triton's interpreter."""
     script = textwrap.dedent(
         """
-        import torch, torch.nn.functional as F
-        from gpu import tensor_ops as ops
+        import numpy as np, torch, torch.nn.functional as F
+        from gpu import benchmark as bench, tensor_ops as ops
+        from gpu.memory import SimulatedMemoryBudget
         for dt in (torch.float32, torch.float16, torch.bfloat16):
             x = (torch.randn(37, 384) * 20).to(dt)
             x[3] = 0
@@ -507,6 +509,22 @@ def test_triton_normalize_kernel_in_interpreter() -> None:
             assert y.dtype == dt
             err = (y.float() - F.normalize(x.float())).abs().max().item()
             assert err < {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1e-2}[dt], err
+        for dt in (torch.float16, torch.bfloat16):
+            q = torch.randn(37, 64).to(dt)  # ragged: neither 37 nor 3001 fills a block
+            db = ops.normalize_rows(torch.randn(3001, 64).to(dt))
+            qn = F.normalize(q.double(), dim=1).numpy()
+            scores = qn @ db.double().numpy().T
+            ref = -np.sort(-scores, axis=1)[:, :9]
+            for kw in ({}, {"chunk_rows": 1000}, {"fault": SimulatedMemoryBudget(1500, 1)}):
+                res = ops.topk_cosine_search(q, db, 9, normalized=True, selection="fused", **kw)
+                assert res.selection == "fused"
+                got = np.take_along_axis(scores, res.indices.numpy(), axis=1)
+                assert np.abs(got - ref).max() < 1e-6, (dt, kw)  # the exact rows
+                assert np.abs(res.values.double().numpy() - ref).max() < 2e-2, (dt, kw)
+        case = bench.OpCase(op="topk_cosine", dtype="float16", shape={"q": 20, "n": 700, "d": 32},
+                            k=5, variant="fused")
+        b = bench._Bench(case, torch.device("cpu"), 0)
+        assert b.max_abs_error(b.ours()) < 1e-2
         print("ok")
         """
     )
@@ -517,13 +535,30 @@ def test_triton_normalize_kernel_in_interpreter() -> None:
         env=env,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=300,
         cwd=REPO_ROOT,
     )
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
 
 
 # --- GPU only -------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA/ROCm GPU; none visible to torch")
+@pytest.mark.skipif(not _has_triton(), reason="the fused top-k kernel needs Triton")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_gpu_fused_topk_matches_grouped(dtype: torch.dtype) -> None:
+    q = rand(300, 384, dtype=dtype, device="cuda")
+    db = ops.normalize_rows(rand(100_003, 384, dtype=dtype, device="cuda", seed=8))
+    fused = ops.topk_cosine_search(q, db, 10, normalized=True, selection="fused")
+    grouped = ops.topk_cosine_search(q, db, 10, normalized=True, selection="grouped")
+    assert fused.selection == "fused" and grouped.selection == "grouped"
+    torch.testing.assert_close(fused.values.float(), grouped.values.float(), atol=1e-2, rtol=0)
+    exact = ops.normalize_rows(q).float() @ db.float().T  # (300, 100003): fine at this size
+    ref = torch.topk(exact, 10).values
+    got = torch.gather(exact, 1, fused.indices)
+    torch.testing.assert_close(got.sort(dim=1, descending=True).values, ref, atol=2e-3, rtol=0)
 
 
 @pytest.mark.gpu
