@@ -300,6 +300,60 @@ class Repository:
         with connect_checked(self.engine), self._session() as s:
             return s.scalars(stmt).all()
 
+    def recent_benchmark_results(
+        self,
+        *,
+        metric: str | None = None,
+        suite: str | None = None,
+        env_fingerprint: str | None = None,
+        session_id: str | None = None,
+        exclude_session: str | None = None,
+        since: datetime | None = None,
+        limit: int | None = None,
+    ) -> Sequence[BenchmarkResult]:
+        """Newest first: a metric's history (regression checks, trends) or the latest rows."""
+        stmt = select(BenchmarkResult)
+        for column, value in (
+            (BenchmarkResult.metric, metric),
+            (BenchmarkResult.suite, suite),
+            (BenchmarkResult.env_fingerprint, env_fingerprint),
+            (BenchmarkResult.session_id, session_id),
+        ):
+            if value is not None:
+                stmt = stmt.where(column == value)
+        if exclude_session is not None:
+            stmt = stmt.where(BenchmarkResult.session_id != exclude_session)
+        if since is not None:
+            stmt = stmt.where(BenchmarkResult.created_at >= since)
+        stmt = stmt.order_by(BenchmarkResult.created_at.desc(), BenchmarkResult.id.desc())
+        if limit is not None:
+            stmt = stmt.limit(limit)
+        with connect_checked(self.engine), self._session() as s:
+            return s.scalars(stmt).all()
+
+    def benchmark_metrics(self, *, suite: str | None = None) -> list[dict[str, Any]]:
+        """One row per (suite, metric, unit, environment): how many results, the newest."""
+        stmt = select(
+            BenchmarkResult.suite,
+            BenchmarkResult.metric,
+            BenchmarkResult.unit,
+            BenchmarkResult.env_fingerprint,
+            func.count(),
+            func.max(BenchmarkResult.created_at),
+        ).group_by(
+            BenchmarkResult.suite,
+            BenchmarkResult.metric,
+            BenchmarkResult.unit,
+            BenchmarkResult.env_fingerprint,
+        )
+        if suite is not None:
+            stmt = stmt.where(BenchmarkResult.suite == suite)
+        with connect_checked(self.engine), self._session() as s:
+            return [
+                {"suite": su, "metric": m, "unit": u, "env_fingerprint": e, "count": n, "last": t}
+                for su, m, u, e, n, t in s.execute(stmt.order_by(BenchmarkResult.metric)).all()
+            ]
+
     # --- load tests -------------------------------------------------------------------
 
     def create_load_test(self, **fields: Any) -> str:

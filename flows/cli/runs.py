@@ -139,3 +139,51 @@ def runs_show(
                 instructions = predictor["signature"].get("instructions", "")
                 console.print(f"[bold]{name}[/]: {len(predictor.get('demos', []))} demos")
                 console.print(f"  instructions: {instructions}", highlight=False)
+
+
+@runs_app.command("compare")
+def runs_compare(
+    run_a: str = typer.Argument(..., help="Run A: id or a unique prefix (>= 4 characters)."),
+    run_b: str = typer.Argument(..., help="Run B: id or a unique prefix (>= 4 characters)."),
+    fmt: OutputFormat = typer.Option(OutputFormat.table, "--format"),
+) -> None:
+    """Two runs side by side: scores, duration, LM calls, tokens, spec and program changes."""
+    from storage.repository import Repository
+    from tasks.compare import compare_runs
+
+    with user_errors():
+        repo = Repository()
+        cmp = compare_runs(repo.get_run(run_a), repo.get_run(run_b))
+    if fmt is OutputFormat.json:
+        print(json.dumps(cmp.model_dump(mode="json"), indent=2, default=str))
+        return
+    rows = [
+        {"field": f.field, "A": f.a, "B": f.b, "B - A": f.delta}
+        for f in [
+            *cmp.figures,
+            *(s.model_copy(update={"field": f"spec.{s.field}"}) for s in cmp.spec_differences),
+        ]
+    ]
+    for p in cmp.predictors:
+        rows += [
+            {
+                "field": f"{p.predictor}.instructions",
+                "A": p.instructions_a,
+                "B": p.instructions_b,
+                "B - A": None if p.same_instructions else "changed",
+            },
+            {
+                "field": f"{p.predictor}.demos",
+                "A": p.demos_a,
+                "B": p.demos_b,
+                "B - A": f"-{len(p.demos_only_in_a)} +{len(p.demos_only_in_b)} differ",
+            },
+        ]
+    if fmt is OutputFormat.csv:
+        emit_rows(rows, fmt)
+        return
+    emit_rows(rows, fmt, title=f"A {cmp.a}  vs  B {cmp.b}")
+    if not cmp.spec_differences:
+        console.print("specs: identical")
+    if cmp.simulated:
+        console.print("[yellow]note: the simulated LM (`sim`) produced at least one run[/]")
