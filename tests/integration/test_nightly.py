@@ -123,3 +123,29 @@ def test_nightly_rejects_bad_parameters(prefect_harness: None) -> None:
 
     with pytest.raises(ValidationError, match="sim_repeats"):
         nightly_benchmarks(sim_repeats=0, local_lm=False, gpu=False, load=False)
+
+
+def test_gpu_part_holds_the_gpu_limit_on_a_gpu(
+    prefect_harness: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a GPU the nightly's GPU ops hold one slot of the global `gpu` limit (the one the
+    gpu-benchmark flow uses), so the two never time each other. The suite is faked: this
+    checks the plumbing, which runs only where torch sees a GPU."""
+    from prefect.client.orchestration import get_client
+
+    import flows.nightly as nightly
+    from tasks.nightly import NightlyEnvironment
+
+    seen: dict[str, int] = {}
+
+    def fake_suite(env: NightlyEnvironment, reps: int) -> list:
+        with get_client(sync_client=True) as client:
+            seen["active"] = client.read_global_concurrency_limit_by_name("gpu").active_slots
+        return []
+
+    monkeypatch.setattr(nightly, "run_gpu_benchmark", fake_suite)
+    env = NightlyEnvironment(session_id="s", device="cuda:0", environment={}, env_fingerprint="f")
+    assert nightly._gpu_rows(env, 3) == []
+    assert seen["active"] == 1
+    with get_client(sync_client=True) as client:
+        assert client.read_global_concurrency_limit_by_name("gpu").active_slots == 0
