@@ -71,7 +71,9 @@ def step(url: str, rps: float, duration: float, client: str) -> dict[str, Any]:
         http_client=client,  # type: ignore[arg-type]
         timeout_s=10,
     )
+    cpu0 = time.process_time()
     result = run_load_test(config)
+    cpu_s = time.process_time() - cpu0  # the generator's own CPU, all its threads
     s = result.summary
     steady = s.steady
     server = fetch_stats(url)
@@ -95,6 +97,7 @@ def step(url: str, rps: float, duration: float, client: str) -> dict[str, Any]:
         "requests": s.overall.requests,
         "server_requests": server["requests"],
         "gen_cpu_pct": s.resources.proc_cpu_pct_mean,
+        "gen_cpu_us_per_request": round(cpu_s / max(s.overall.requests, 1) * 1e6, 1),
         "machine_cpu_pct": s.resources.cpu_pct_mean,
         "loop_lag_p99_ms": s.resources.loop_lag_ms_p99,
         "service_p50_ms": steady.service.p50_ms,
@@ -103,7 +106,8 @@ def step(url: str, rps: float, duration: float, client: str) -> dict[str, Any]:
     print(
         f"  {rps:7.0f} rps: {'HOLDS' if held else 'fails'}  achieved {ratio:.3f} sent "
         f"{sent_ratio:.3f}  lag p99 {lag_p99:.2f} ms  errors {s.overall.errors}  gen CPU "
-        f"{row['gen_cpu_pct'] or 0:.0f} %  machine {row['machine_cpu_pct'] or 0:.0f} %",
+        f"{row['gen_cpu_pct'] or 0:.0f} % ({row['gen_cpu_us_per_request']:.0f} us/req)  machine "
+        f"{row['machine_cpu_pct'] or 0:.0f} %",
         flush=True,
     )
     return row
@@ -298,12 +302,18 @@ def main() -> None:
         for proc in (trivial, delayed):
             proc.terminate()
             proc.wait(10)
+    cpu_costs = sorted(r["gen_cpu_us_per_request"] for r in ceiling["steps"])
+    cpu_us = cpu_costs[len(cpu_costs) // 2]
     figures = {
         "benchmark": "load_generator",
-        "environment": env,
+        "environment": {**env, "load_avg_at_end": [round(x, 2) for x in os.getloadavg()]},
         "criteria": {"hold_ratio": HOLD_RATIO, "lag_p99_ms": LAG_P99_MS},
         "max_rps_held": ceiling["max_rps_held"],
         "first_failing_rps": ceiling["first_failing_rps"],
+        # CPU per request is what contention does not change: one free core / this cost is
+        # the rate at which the generator itself would be 100 % busy (a bound, not a hold).
+        "gen_cpu_us_per_request_median": cpu_us,
+        "gen_rps_at_one_full_core": round(1e6 / cpu_us) if cpu_us else None,
         "steps": ceiling["steps"],
         "accuracy": acc,
         "locust_trivial": loc_trivial,
