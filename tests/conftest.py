@@ -83,8 +83,13 @@ def postgres_database_factory() -> Iterator[Callable[[], str]]:
 
 
 @pytest.fixture
-def postgres_url(postgres_database_factory: Callable[[], str]) -> str:
-    return postgres_database_factory()
+def postgres_url(postgres_database_factory: Callable[[], str]) -> Iterator[str]:
+    url = postgres_database_factory()
+    yield url
+    # Each engine pools up to 60 connections: close them, or the server runs out.
+    from storage.db import dispose_engine
+
+    dispose_engine(url)
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
