@@ -39,7 +39,14 @@ def optimization_cycle(spec: CycleSpec, run_id: str | None = None) -> CycleSumma
         if failed_run is not None:
             cycle.record_failure(repo, failed_run, exc, ctx)
         raise
-    return summarize(repo, ctx.run_id)
+    summary = summarize(repo, ctx.run_id)
+    if summary.state == "cancelled":
+        # Cancelled (Prefect UI/API, Ctrl-C, cancel_run): the best program so far is saved;
+        # the flow run ends Cancelled rather than Completed.
+        from prefect.states import Cancelled
+
+        return Cancelled(message=summary.error, data=summary)  # type: ignore[return-value]
+    return summary
 
 
 @flow(name="optimization-batch", persist_result=False, log_prints=False)

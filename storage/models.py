@@ -42,6 +42,8 @@ class RunState(enum.StrEnum):
     timed_out = "timed_out"
     cancelled = "cancelled"
     stale = "stale"  # heartbeat stopped: the worker died; `dspyflow runs recover` sets it
+    # Stopped by its LM-call, token or USD budget (time: timed_out); best program kept.
+    budget_exhausted = "budget_exhausted"
 
     @property
     def terminal(self) -> bool:

@@ -255,6 +255,16 @@ class Repository:
         with self._session() as s, s.begin():
             s.add(ProgressSample(run_id=run_id, **fields))
 
+    def latest_progress_sample(self, run_id: str) -> ProgressSample | None:
+        """The newest sample of a run (for live progress displays: one row, indexed)."""
+        with self._session() as s:
+            return s.scalar(
+                select(ProgressSample)
+                .where(ProgressSample.run_id == run_id)
+                .order_by(ProgressSample.id.desc())
+                .limit(1)
+            )
+
     def add_alert(self, run_id: str, kind: str, message: str, elapsed_s: float | None) -> bool:
         """Record an alert once per (run, kind); False if it was already recorded."""
         with self._session() as s, s.begin():

@@ -9,9 +9,9 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import dspy
@@ -20,10 +20,21 @@ from prefect.cache_policies import NONE
 from prefect.tasks import exponential_backoff
 from pydantic import BaseModel
 
+from storage.db import StorageSettings
 from storage.models import RunState
-from storage.repository import Repository
+from storage.repository import Repository, new_id
+from tasks.budget import (
+    CycleControl,
+    CycleGuard,
+    CycleStopped,
+    StopReason,
+    check_budgets,
+    control_for,
+    release_control,
+)
+from tasks.cycle_timer import CycleMonitor, CycleTimer, PrefectHooks
 from tasks.lm import CycleLM, RateLimiter, build_lm
-from tasks.optimizers import CompileRequest, IterationEvent, OptimizeResult, get_optimizer
+from tasks.optimizers import CompileRequest, OptimizeResult, get_optimizer
 from tasks.programs import TaskDefinition, get_task
 from tasks.programs.dataset import Splits, load_user_task
 from tasks.spec import CycleSpec
@@ -43,22 +54,17 @@ class CycleContext:
     splits: Splits
     lm: CycleLM
     repo: Repository
+    guard: CycleGuard
+    monitor: CycleMonitor
+    reflection_lm: CycleLM | None = None
     started_monotonic: float = field(default_factory=time.monotonic)
-    _last_progress_write: float = 0.0
-    _progress_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def elapsed_s(self) -> float:
         return time.monotonic() - self.started_monotonic
 
     def usage_fields(self) -> dict[str, Any]:
-        usage = self.lm.usage.snapshot()
-        cost = usage.pop("cost_usd")
-        spec = self.spec.lm
-        if spec.price_per_1k_input_usd is not None or spec.price_per_1k_output_usd is not None:
-            cost = usage["input_tokens"] / 1000 * (spec.price_per_1k_input_usd or 0.0) + usage[
-                "output_tokens"
-            ] / 1000 * (spec.price_per_1k_output_usd or 0.0)
-        return {**usage, "cost_usd": cost if cost else None}
+        """LM calls, tokens and cost (None without a known price) of the whole cycle."""
+        return self.lm.usage.snapshot()
 
 
 def resolve_task(spec: CycleSpec) -> TaskDefinition:
@@ -72,15 +78,9 @@ def _cap(examples: list[dspy.Example], limit: int | None) -> list[dspy.Example]:
     return examples if limit is None else examples[:limit]
 
 
-def prepare_cycle(
-    spec: CycleSpec,
-    repo: Repository,
-    *,
-    run_id: str | None = None,
-    flow_run_id: str | None = None,
-    limiter: RateLimiter | None = None,
-) -> CycleContext:
-    """Validate and load everything, then create (or claim) the run's row as running."""
+def load_cycle_data(spec: CycleSpec) -> tuple[TaskDefinition, Splits]:
+    """Task and capped splits, with the budgets checked against them: every input error
+    surfaces here, before a run row is written or Prefect starts."""
     task_def = resolve_task(spec)
     splits = task_def.load_splits()
     splits = Splits(
@@ -88,8 +88,36 @@ def prepare_cycle(
         val=_cap(splits.val, spec.max_val),
         test=_cap(splits.test, spec.max_test),
     )
+    check_budgets(spec, len(splits.val) or len(splits.train))
+    return task_def, splits
+
+
+def gepa_log_dir(run_id: str) -> Path:
+    """GEPA's state for a run: a re-queued run resumes from it."""
+    return StorageSettings().home.expanduser() / "gepa" / run_id
+
+
+def prepare_cycle(
+    spec: CycleSpec,
+    repo: Repository,
+    *,
+    run_id: str | None = None,
+    flow_run_id: str | None = None,
+    limiter: RateLimiter | None = None,
+    control: CycleControl | None = None,
+) -> CycleContext:
+    """Validate and load everything, then create (or claim) the run's row as running and
+    start its clock, guard, heartbeat and progress monitor."""
+    started = time.monotonic()
+    task_def, splits = load_cycle_data(spec)
     cycle_lm = build_lm(spec.lm, task_def, limiter=limiter)
-    if run_id is None or not repo.run_exists(run_id):
+    reflection_lm = (
+        build_lm(spec.reflection_lm, task_def, limiter=limiter, usage=cycle_lm.usage)
+        if spec.reflection_lm is not None
+        else None
+    )
+    run_id = run_id or new_id()
+    if not repo.run_exists(run_id):
         run_id = repo.create_run(
             run_id=run_id,
             task=task_def.name,
@@ -102,8 +130,33 @@ def prepare_cycle(
         )
     if not repo.start_run(run_id, flow_run_id=flow_run_id, worker=_worker_name()):
         raise RuntimeError(f"run {run_id} is not queued: it was started elsewhere or ended")
+    usage = cycle_lm.usage.snapshot
+    guard = CycleGuard.for_spec(
+        spec, usage, control=control or control_for(run_id), started_at=started
+    )
+    timer = CycleTimer(spec.time_budget_s, spec.budget_warning_at)
+    timer.start(started)
+    monitor = CycleMonitor(
+        run_id,
+        repo,
+        timer,
+        guard,
+        usage=usage,
+        label=f"{task_def.name}/{spec.optimizer}",
+        prefect=PrefectHooks(run_id, flow_run_id),
+    )
+    monitor.start()
     return CycleContext(
-        run_id=run_id, spec=spec, task=task_def, splits=splits, lm=cycle_lm, repo=repo
+        run_id=run_id,
+        spec=spec,
+        task=task_def,
+        splits=splits,
+        lm=cycle_lm,
+        repo=repo,
+        guard=guard,
+        monitor=monitor,
+        reflection_lm=reflection_lm,
+        started_monotonic=started,
     )
 
 
@@ -117,6 +170,15 @@ def evaluate_program(
     """Mean metric over ``examples`` in [0, 1], on the cycle's LM."""
     if not examples:
         raise ValueError(f"task {ctx.task.name!r} has no examples to evaluate on")
+    errors: list[Exception] = []
+
+    def run(**inputs: Any) -> Any:
+        try:
+            return program(**inputs)
+        except Exception as exc:
+            errors.append(exc)
+            raise
+
     with ctx.lm.context():
         evaluator = dspy.Evaluate(
             devset=examples,
@@ -126,33 +188,30 @@ def evaluate_program(
             provide_traceback=False,
             max_errors=len(examples),
         )
-        result = evaluator(program)
+        try:
+            result = evaluator(run)
+        except Exception as exc:
+            # DSPy says only "Execution cancelled due to errors"; the run should say why.
+            if errors:
+                raise errors[0] from exc
+            raise
     return float(result.score) / 100.0
 
 
 def run_baseline(ctx: CycleContext) -> float:
+    started = time.monotonic()
     score = evaluate_program(ctx, ctx.task.build_program(), ctx.splits.test)
+    # The final test evaluation costs about what this one did (a bit more with demos):
+    # the optimizer stops that much before the time budget so the cycle keeps to it.
+    ctx.guard.set_reserve(1.25 * (time.monotonic() - started))
     ctx.repo.update_run(ctx.run_id, baseline_score=score, **ctx.usage_fields())
     return score
 
 
 def run_optimizer(ctx: CycleContext) -> OptimizeResult:
+    """Compile under the cycle's guard: every LM call and evaluation checks the budgets,
+    and a stopped optimizer returns its best program so far."""
     optimizer = get_optimizer(ctx.spec.optimizer)
-
-    def on_iteration(event: IterationEvent) -> None:
-        # Bounded write rate: at most one progress write per second per cycle.
-        now = time.monotonic()
-        with ctx._progress_lock:
-            if now - ctx._last_progress_write < 1.0 and event.iteration != event.total:
-                return
-            ctx._last_progress_write = now
-        ctx.repo.heartbeat(
-            ctx.run_id,
-            iterations=event.iteration,
-            total_iterations=event.total,
-            **ctx.usage_fields(),
-        )
-
     request = CompileRequest(
         program=ctx.task.build_program(),
         trainset=ctx.splits.train,
@@ -161,32 +220,77 @@ def run_optimizer(ctx: CycleContext) -> OptimizeResult:
         budget=ctx.spec.budget,
         seed=ctx.spec.seed,
         num_threads=ctx.spec.num_threads,
-        on_iteration=on_iteration,
+        on_iteration=ctx.monitor.on_iteration,
+        should_stop=ctx.guard.should_stop,
+        reflection_lm=ctx.reflection_lm.lm if ctx.reflection_lm is not None else None,
+        log_dir=gepa_log_dir(ctx.run_id) if ctx.spec.optimizer == "gepa" else None,
     )
-    with ctx.lm.context():
-        return optimizer.compile(request)
+    ctx.monitor.begin_iterations(optimizer.total_iterations(request))
+    try:
+        with ctx.lm.context(callbacks=[*dspy.settings.callbacks, ctx.guard]):
+            try:
+                result = optimizer.compile(request)
+            except CycleStopped as stop:  # an optimizer that does not keep a best program
+                result = OptimizeResult(
+                    program=ctx.task.build_program(),
+                    val_score=None,
+                    iterations=ctx.monitor.timer.iterations,
+                    stopped_early=True,
+                    stop_reason=stop.reason,
+                )
+    finally:
+        ctx.guard.disarm()  # the final test evaluation runs to completion
+        ctx.monitor.flush()
+    if result.stopped_early and result.stop_reason is None:
+        result.stop_reason = ctx.guard.reason
+    return result
+
+
+# How a stopped cycle ends: it still saves its best program and its test score.
+_STOP_STATES = {
+    StopReason.time: RunState.timed_out,
+    StopReason.cancelled: RunState.cancelled,
+    StopReason.lm_calls: RunState.budget_exhausted,
+    StopReason.tokens: RunState.budget_exhausted,
+    StopReason.cost: RunState.budget_exhausted,
+}
+
+
+def final_state(result: OptimizeResult) -> RunState:
+    if not result.stopped_early or result.stop_reason is None:
+        return RunState.succeeded
+    return _STOP_STATES[result.stop_reason]
 
 
 def record_success(
     ctx: CycleContext, baseline: float, result: OptimizeResult, test_score: float
 ) -> None:
+    """Record the optimized (or, if stopped, the best-so-far) program and its scores."""
+    state = final_state(result)
+    ctx.monitor.close()
     ctx.repo.finish_run(
         ctx.run_id,
-        RunState.succeeded,
+        state,
         baseline_score=baseline,
         best_score=test_score,
         iterations=result.iterations,
         program_state=result.program.dump_state(),
+        error=ctx.guard.message if state is not RunState.succeeded else None,
         **ctx.usage_fields(),
     )
+    release_control(ctx.run_id)
 
 
 def record_failure(repo: Repository, run_id: str, exc: BaseException, ctx: CycleContext | None):
-    fields = ctx.usage_fields() if ctx is not None else {}
-    message = (
-        f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-    )
-    repo.finish_run(run_id, RunState.failed, error=message[:2000], **fields)
+    fields: dict[str, Any] = {}
+    if ctx is not None:
+        ctx.guard.disarm()
+        ctx.monitor.close()
+        fields = ctx.usage_fields()
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    state = RunState.cancelled if isinstance(exc, KeyboardInterrupt) else RunState.failed
+    repo.finish_run(run_id, state, error=f"{type(exc).__name__}: {text}"[:2000], **fields)
+    release_control(run_id)
 
 
 class CycleSummary(BaseModel):
@@ -202,7 +306,11 @@ class CycleSummary(BaseModel):
     duration_s: float | None
     lm_calls: int
     simulated: bool
-    error: str | None = None
+    error: str | None = None  # why it failed, or why it stopped early
+    iterations: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float | None = None
 
 
 def summarize(repo: Repository, run_id: str) -> CycleSummary:
@@ -224,6 +332,10 @@ def summarize(repo: Repository, run_id: str) -> CycleSummary:
         lm_calls=run.lm_calls,
         simulated=run.simulated,
         error=run.error,
+        iterations=run.iterations,
+        input_tokens=run.input_tokens,
+        output_tokens=run.output_tokens,
+        cost_usd=run.cost_usd,
     )
 
 
@@ -234,22 +346,28 @@ def execute_cycle(
     run_id: str | None = None,
     flow_run_id: str | None = None,
     limiter: RateLimiter | None = None,
+    control: CycleControl | None = None,
 ) -> CycleSummary:
     """All steps of one cycle in the calling thread, without Prefect task runs: for a
     batch, where one Prefect task per job carries the whole cycle. The run always ends
-    in a terminal state; errors are recorded on the run, not raised."""
+    in a terminal state; errors are recorded on the run, not raised. `control` (or
+    `tasks.budget.cancel_run(run_id)`) cancels it from another thread."""
     ctx: CycleContext | None = None
     try:
-        ctx = prepare_cycle(spec, repo, run_id=run_id, flow_run_id=flow_run_id, limiter=limiter)
+        ctx = prepare_cycle(
+            spec, repo, run_id=run_id, flow_run_id=flow_run_id, limiter=limiter, control=control
+        )
         baseline_score = run_baseline(ctx)
         result = run_optimizer(ctx)
         test_score = evaluate_program(ctx, result.program, ctx.splits.test)
         record_success(ctx, baseline_score, result, test_score)
-    except Exception as exc:  # noqa: BLE001 - every failure becomes the run's terminal state
+    except (Exception, KeyboardInterrupt) as exc:  # every failure becomes a terminal state
         failed_run = ctx.run_id if ctx is not None else run_id
         if failed_run is None:
             raise
         record_failure(repo, failed_run, exc, ctx)
+        if isinstance(exc, KeyboardInterrupt):
+            raise
         return summarize(repo, failed_run)
     return summarize(repo, ctx.run_id)
 

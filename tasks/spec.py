@@ -15,6 +15,8 @@ Budget = Literal["light", "medium", "heavy"]
 # `capacity` is a capacity-test workload with a fixed LM-call count, not a real optimizer.
 KNOWN_OPTIMIZERS = ("mipro", "gepa", "genetic", "capacity")
 DEFAULT_TIME_BUDGET_S = 7200.0
+DEFAULT_WARNING_AT = 0.8
+BUDGET_PRESETS = ("light", "medium", "heavy")
 
 
 class LMSpec(BaseModel):
@@ -93,6 +95,22 @@ class CycleSpec(BaseModel):
     time_budget_s: float = Field(
         DEFAULT_TIME_BUDGET_S, gt=0, description="Hard limit on the cycle's wall time."
     )
+    budget_warning_at: float = Field(
+        DEFAULT_WARNING_AT, gt=0, lt=1, description="Warn at this fraction of any budget."
+    )
+    # Optional hard budgets besides time; reaching one stops the cycle like the time budget.
+    lm_call_budget: int | None = Field(None, gt=0, description="Stop after this many LM calls.")
+    token_budget: int | None = Field(
+        None, gt=0, description="Stop after this many LM tokens (input + output)."
+    )
+    cost_budget_usd: float | None = Field(
+        None, gt=0, description="Stop at this LM cost (needs a known or configured price)."
+    )
+    reflection_lm: LMSpec | None = Field(
+        None,
+        description="LM that proposes instructions (GEPA's reflection LM, the genetic "
+        "optimizer's rewrites). Default: the task LM.",
+    )
     priority: int = Field(0, description="Higher runs first in a batch.")
     seed: int = 0
     num_threads: int = Field(1, ge=1, le=256, description="DSPy evaluation threads.")
@@ -106,6 +124,32 @@ class CycleSpec(BaseModel):
         if value not in KNOWN_OPTIMIZERS:
             raise ValueError(f"unknown optimizer {value!r}; known: {', '.join(KNOWN_OPTIMIZERS)}")
         return value
+
+    @field_validator("budget", mode="before")
+    @classmethod
+    def _known_preset(cls, value: object) -> object:
+        if isinstance(value, str) and value not in BUDGET_PRESETS:
+            raise ValueError(f"unknown budget preset {value!r}; known: {', '.join(BUDGET_PRESETS)}")
+        return value
+
+    @model_validator(mode="after")
+    def _cost_budget_has_a_price(self) -> CycleSpec:
+        # local and sim have no price unless one is configured; remote models may have a
+        # known price (checked when the cycle runs).
+        lms = [self.lm, *([self.reflection_lm] if self.reflection_lm else [])]
+        unpriced = [
+            lm.model
+            for lm in lms
+            if lm.provider != "remote"
+            and lm.price_per_1k_input_usd is None
+            and lm.price_per_1k_output_usd is None
+        ]
+        if self.cost_budget_usd is not None and unpriced:
+            raise ValueError(
+                f"cost_budget_usd needs a price for LM {unpriced[0]!r}: set "
+                "lm.price_per_1k_input_usd / lm.price_per_1k_output_usd"
+            )
+        return self
 
     @model_validator(mode="after")
     def _task_is_resolvable(self) -> CycleSpec:

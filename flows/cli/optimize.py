@@ -35,6 +35,14 @@ def optimize(
     max_train: int = typer.Option(None, help="Use at most N train examples."),
     max_val: int = typer.Option(None, help="Use at most N validation examples."),
     max_test: int = typer.Option(None, help="Use at most N test examples."),
+    lm_call_budget: int = typer.Option(None, help="Stop after N LM calls (best program kept)."),
+    token_budget: int = typer.Option(None, help="Stop after N LM tokens (input + output)."),
+    cost_budget: float = typer.Option(None, help="Stop at this LM cost in USD."),
+    price_in: float = typer.Option(None, help="USD per 1k input tokens of --lm."),
+    price_out: float = typer.Option(None, help="USD per 1k output tokens of --lm."),
+    reflection_lm: str = typer.Option(
+        None, help="LM that proposes instructions (GEPA reflection, GA rewrites); default --lm."
+    ),
     fmt: OutputFormat = typer.Option(OutputFormat.table, "--format"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Prefect and DSPy logs."),
 ) -> None:
@@ -48,8 +56,18 @@ def optimize(
             task=task,
             optimizer=optimizer,
             budget=budget,  # type: ignore[arg-type]
-            lm=LMSpec(model=lm, api_base=api_base, api_key_env=api_key_env),
+            lm=LMSpec(
+                model=lm,
+                api_base=api_base,
+                api_key_env=api_key_env,
+                price_per_1k_input_usd=price_in,
+                price_per_1k_output_usd=price_out,
+            ),
+            reflection_lm=LMSpec(model=reflection_lm) if reflection_lm else None,
             time_budget_s=time_budget,
+            lm_call_budget=lm_call_budget,
+            token_budget=token_budget,
+            cost_budget_usd=cost_budget,
             program=program,
             metric=metric,
             dataset=dataset,
@@ -61,11 +79,10 @@ def optimize(
         )
         # Fail fast, before Prefect starts: task, dataset, LM availability, database.
         from storage.repository import Repository
-        from tasks.cycle import resolve_task
+        from tasks.cycle import load_cycle_data
         from tasks.lm import build_lm
 
-        task_def = resolve_task(spec)
-        task_def.load_splits()
+        task_def, _ = load_cycle_data(spec)  # also refuses budgets too small for one eval
         build_lm(spec.lm, task_def)
         repo = Repository()
 
@@ -81,6 +98,7 @@ def optimize(
         daemon=True,
     )
     watcher.start()
+    restore_sigint = _cancel_on_ctrl_c(run_id)
     try:
         # DSPy prints tqdm bars to stdout; keep stdout for our output (JSON must parse).
         noise = sys.stderr if verbose else open(os.devnull, "w")  # noqa: SIM115
@@ -90,6 +108,7 @@ def optimize(
             except Exception:
                 summary = None
     finally:
+        restore_sigint()
         stop.set()
         watcher.join()
     from tasks.cycle import summarize
@@ -138,9 +157,7 @@ def _show_progress(repo, run_id, stop, started, fmt, out_console) -> None:  # ty
                 continue
             except Exception:  # noqa: BLE001 - progress display must never kill the run
                 continue
-            stage = (
-                "baseline" if run.baseline_score is None else f"optimizing, {run.iterations} trials"
-            )
+            stage = "baseline" if run.baseline_score is None else _stage(repo, run)
             progress.update(
                 bar,
                 description=f"{run.state}: {stage}, {run.lm_calls} LM calls"
@@ -148,3 +165,39 @@ def _show_progress(repo, run_id, stop, started, fmt, out_console) -> None:  # ty
                     f", baseline {run.baseline_score:.3f}" if run.baseline_score is not None else ""
                 ),
             )
+
+
+def _stage(repo, run) -> str:  # type: ignore[no-untyped-def]
+    """`optimizing, iteration 7/11, ETA 42 s` from the latest progress sample."""
+    sample = repo.latest_progress_sample(run.id)
+    if sample is None:
+        return "optimizing"
+    total = f"/{sample.total_iterations}" if sample.total_iterations else ""
+    text = f"optimizing, iteration {sample.iteration}{total}"
+    if sample.best_score is not None:
+        text += f", best val {sample.best_score:.3f}"
+    if sample.eta_s is not None:
+        budget = float(run.spec.get("time_budget_s") or 0) - sample.elapsed_s
+        eta = min(sample.eta_s, budget) if budget > 0 else sample.eta_s
+        text += f", ETA {eta:.0f} s"
+    return text
+
+
+def _cancel_on_ctrl_c(run_id: str):  # type: ignore[no-untyped-def]
+    """First Ctrl-C: cancel the cycle gracefully (it keeps and scores its best program);
+    a second one interrupts. Returns a function that restores the previous handler."""
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    from tasks.budget import cancel_run
+
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(signum, frame):  # type: ignore[no-untyped-def]
+        cancel_run(run_id, "interrupted (Ctrl-C)")
+        console.print("[yellow]stopping: keeping the best program so far (Ctrl-C again to abort)")
+        signal.signal(signal.SIGINT, previous)
+
+    signal.signal(signal.SIGINT, handler)
+    return lambda: signal.signal(signal.SIGINT, previous)

@@ -8,7 +8,7 @@ from typing import Any
 
 import typer
 
-from flows.cli.app import OutputFormat, app, console, emit_rows, user_errors
+from flows.cli.app import OutputFormat, app, console, emit_rows, fail, user_errors
 
 runs_app = typer.Typer(help="Query optimization runs.", no_args_is_help=True)
 app.add_typer(runs_app, name="runs")
@@ -139,6 +139,55 @@ def runs_show(
                 instructions = predictor["signature"].get("instructions", "")
                 console.print(f"[bold]{name}[/]: {len(predictor.get('demos', []))} demos")
                 console.print(f"  instructions: {instructions}", highlight=False)
+
+
+@runs_app.command("recover")
+def runs_recover(
+    stale_after: float = typer.Option(
+        60.0, "--stale-after", help="Seconds without a heartbeat after which a run is stale."
+    ),
+    requeue: bool = typer.Option(False, "--requeue", help="Put stale runs back in the queue."),
+    fmt: OutputFormat = typer.Option(OutputFormat.table, "--format"),
+) -> None:
+    """Mark runs whose worker died (stale heartbeat) `stale`; optionally re-queue them."""
+    from storage.repository import Repository
+    from tasks.recovery import recover_stale_runs
+
+    with user_errors():
+        report = recover_stale_runs(Repository(), stale_after_s=stale_after, requeue=requeue)
+    if fmt is OutputFormat.json:
+        print(json.dumps(report.model_dump(), indent=2))
+        return
+    console.print(
+        f"{len(report.marked_stale)} run(s) marked stale (no heartbeat for "
+        f"{report.stale_after_s:g} s), {len(report.requeued)} re-queued"
+    )
+    for run_id in report.marked_stale:
+        console.print(f"  stale    {run_id}")
+    for run_id in report.requeued:
+        console.print(f"  requeued {run_id}")
+
+
+@runs_app.command("cancel")
+def runs_cancel(
+    run_id: str = typer.Argument(..., help="Run id or a unique prefix (>= 4 characters)."),
+) -> None:
+    """Cancel a running cycle through its Prefect flow run; it stops within one LM call of
+    noticing (heartbeat interval) and ends `cancelled` with its best program so far."""
+    from storage.repository import Repository
+
+    with user_errors():
+        run = Repository().get_run(run_id)
+    if run.state != "running":
+        fail(f"run {run.id} is {run.state}, not running")
+    if not run.flow_run_id:
+        fail(f"run {run.id} has no Prefect flow run; cancel it in its own process")
+    from prefect.client.orchestration import get_client
+    from prefect.states import Cancelling
+
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(run.flow_run_id, Cancelling(), force=True)
+    console.print(f"cancelling run {run.id} (flow run {run.flow_run_id})")
 
 
 @runs_app.command("compare")

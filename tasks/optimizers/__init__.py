@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from tasks.optimizers.base import CompileRequest, IterationEvent, Optimizer, OptimizeResult
+from tasks.optimizers.base import (
+    PRESETS,
+    CompileRequest,
+    CycleStopped,
+    IterationEvent,
+    Optimizer,
+    OptimizeResult,
+)
 
 
 def get_optimizer(name: str) -> Optimizer:
@@ -10,15 +17,29 @@ def get_optimizer(name: str) -> Optimizer:
         from tasks.optimizers.mipro import MiproOptimizer
 
         return MiproOptimizer()
+    if name == "gepa":
+        from tasks.optimizers.gepa import GepaOptimizer
+
+        return GepaOptimizer()
+    if name == "genetic":
+        from tasks.optimizers.genetic import GeneticOptimizer
+
+        return GeneticOptimizer()
     if name == "capacity":
         from tasks.optimizers.capacity import CapacityOptimizer
 
         return CapacityOptimizer()
     from tasks.spec import KNOWN_OPTIMIZERS
 
-    if name in KNOWN_OPTIMIZERS:
-        raise NotImplementedError(f"optimizer {name!r} is not available yet")
     raise ValueError(f"unknown optimizer {name!r}; known: {', '.join(KNOWN_OPTIMIZERS)}")
 
 
-__all__ = ["CompileRequest", "IterationEvent", "OptimizeResult", "Optimizer", "get_optimizer"]
+__all__ = [
+    "PRESETS",
+    "CompileRequest",
+    "CycleStopped",
+    "IterationEvent",
+    "OptimizeResult",
+    "Optimizer",
+    "get_optimizer",
+]

@@ -1,4 +1,10 @@
-"""MIPROv2 behind the optimizer interface."""
+"""MIPROv2 behind the optimizer interface.
+
+MIPROv2 has no stop hook and returns nothing when interrupted, so: the cycle's guard raises
+`CycleStopped` from the next LM call or evaluation once a budget is reached (bootstrapping
+and instruction proposal included), and `EvaluationCounter` keeps a copy of the best
+program evaluated on the full valset, which is what a stopped compile returns.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,14 @@ from typing import Any
 
 import dspy
 
-from tasks.optimizers.base import CompileRequest, EvaluationCounter, OptimizeResult
+from tasks.optimizers.base import (
+    PRESETS,
+    CompileRequest,
+    CycleStopped,
+    EvaluationCounter,
+    OptimizeResult,
+    check_preset,
+)
 
 # MIPROv2's `auto` presets: candidates per preset (dspy 3.4).
 _CANDIDATES = {"light": 6, "medium": 12, "heavy": 18}
@@ -15,6 +28,7 @@ _CANDIDATES = {"light": 6, "medium": 12, "heavy": 18}
 
 class MiproOptimizer:
     name = "mipro"
+    presets = PRESETS
 
     def total_iterations(self, request: CompileRequest) -> int | None:
         # MIPROv2: trials = max(2 * V * log2(n), 1.5 n), V = predictors (x2 with demos);
@@ -26,25 +40,43 @@ class MiproOptimizer:
         return trials + full_evals
 
     def compile(self, request: CompileRequest) -> OptimizeResult:
+        check_preset(self.name, request.budget)
+        # MIPROv2 imports optuna only at step 3: fail (or pay the ~0.3 s import) before
+        # bootstrapping spends LM calls and time budget, not in the middle.
+        import optuna  # noqa: F401
+
         counter = EvaluationCounter(self.total_iterations(request), request.on_iteration)
         callbacks: list[Any] = [*dspy.settings.callbacks, counter]
         with dspy.context(callbacks=callbacks):
+            options: dict[str, Any] = {"metric_threshold": request.metric_threshold}
+            options.update(request.options)
             # MIPROv2 reads dspy.settings.lm in __init__: build it inside the cycle context.
             optimizer = dspy.MIPROv2(
                 metric=request.metric,
                 auto=request.budget,  # type: ignore[arg-type]
+                prompt_model=request.reflection_lm,
                 num_threads=request.num_threads,
                 seed=request.seed,
                 verbose=False,
                 track_stats=True,
-                **request.options,
+                **options,
             )
-            program = optimizer.compile(
-                request.program.deepcopy(),
-                trainset=request.trainset,
-                valset=request.valset,
-                minibatch=len(request.valset) > 50,
-            )
+            try:
+                program = optimizer.compile(
+                    request.program.deepcopy(),
+                    trainset=request.trainset,
+                    valset=request.valset,
+                    minibatch=len(request.valset) > 50,
+                )
+            except CycleStopped as stop:
+                return OptimizeResult(
+                    program=counter.best_program or request.program.deepcopy(),
+                    val_score=counter.best,
+                    iterations=counter.count,
+                    stopped_early=True,
+                    stop_reason=stop.reason,
+                    details={"stopped": stop.message},
+                )
         score = getattr(program, "score", None)
         return OptimizeResult(
             program=program,
