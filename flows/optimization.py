@@ -63,6 +63,7 @@ def optimization_batch(
     dask_address: str | None = None,
     skip_invalid: bool = False,
     batch_id: str | None = None,
+    task_tags: list[str] | None = None,
 ) -> BatchSummary:
     """Run many cycles, one `run-cycle` task each (tag `optimization`), in priority order.
 
@@ -88,6 +89,7 @@ def optimization_batch(
         task_runner=task_runner,
         dask_address=dask_address,
         batch_id=batch_id,
+        **({} if task_tags is None else {"task_tags": task_tags}),
     )
     rejected = []
     if isinstance(jobs, str | Path):
@@ -95,13 +97,16 @@ def optimization_batch(
         specs, rejected = jobs_file.jobs, jobs_file.rejected
     else:
         specs = list(jobs)
-    # Crash recovery of an earlier batch's stale runs plugs in as `on_start`.
+    from tasks.recovery import recover_stale_runs
+
     summary = run_batch(
         specs,
         options,
         database_url(),
         flow_run_id=flow_run.get_id(),
         rejected_lines=rejected,
+        # Runs of a crashed earlier process (stale heartbeat) are marked `stale` first.
+        on_start=recover_stale_runs,
     )
     create_markdown_artifact(
         key="optimization-batch",

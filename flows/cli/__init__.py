@@ -5,6 +5,7 @@ Heavy imports (prefect, dspy, torch) happen inside the commands, so `--help` is 
 
 from __future__ import annotations
 
+from flows.cli import batch as _batch  # noqa: F401
 from flows.cli import benchmarks as _benchmarks  # noqa: F401
 from flows.cli import db as _db  # noqa: F401
 from flows.cli import gpu as _gpu  # noqa: F401
