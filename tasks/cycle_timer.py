@@ -212,6 +212,12 @@ _WARNING_KIND = {
 }
 
 
+# One flow-run state read per flow run and heartbeat interval, however many cycles it runs
+# (a batch of 1000 cycles must not poll the API 1000 times every 10 s).
+_cancel_cache: dict[str, tuple[float, bool]] = {}
+_cancel_lock = threading.Lock()
+
+
 class PrefectHooks:
     """Prefect side effects of one cycle, decided once in the caller's thread: inside a
     flow run (or with an API URL) emit events and keep a progress artifact; otherwise
@@ -289,15 +295,25 @@ class PrefectHooks:
         """Whether this cycle's Prefect flow run was set to Cancelling (or Cancelled)."""
         if not self.enabled or self.flow_run_id is None:
             return False
+        now = time.monotonic()
+        with _cancel_lock:
+            cached = _cancel_cache.get(self.flow_run_id)
+            if cached is not None and now - cached[0] < HEARTBEAT_INTERVAL_S:
+                return cached[1]
+            # Claim this interval's read before releasing the lock: others use the cache.
+            _cancel_cache[self.flow_run_id] = (now, cached[1] if cached else False)
         try:
             from prefect.client.orchestration import get_client
 
             with get_client(sync_client=True) as client:
                 state = client.read_flow_run(self.flow_run_id).state
-            return state is not None and (state.is_cancelling() or state.is_cancelled())
+            cancelled = state is not None and (state.is_cancelling() or state.is_cancelled())
         except Exception as exc:  # noqa: BLE001 - an unreachable API must not stop a cycle
             logger.debug("flow run state unavailable: %s", exc)
             return False
+        with _cancel_lock:
+            _cancel_cache[self.flow_run_id] = (now, cancelled)
+        return cancelled
 
 
 class CycleMonitor:

@@ -33,11 +33,11 @@ from tasks.spec import CycleSpec, LMSpec
 
 pytestmark = pytest.mark.performance
 
-# Small workloads: about 60-90 sim LM calls each (MIPROv2 light on 5/5 examples, GEPA with
-# a 60-metric-call budget, a 4 x 3 genetic search on minibatches of 5).
+# Small workloads: about 50-90 sim LM calls each (MIPROv2 light on 5/5 examples, GEPA with
+# a 40-metric-call budget, a 4 x 3 genetic search on minibatches of 5).
 SMALL_WORKLOAD = {
     "mipro": {},
-    "gepa": {"max_metric_calls": 60},
+    "gepa": {"max_metric_calls": 40},
     "genetic": {"population_size": 4, "generations": 3, "minibatch_size": 5},
 }
 
@@ -167,7 +167,7 @@ def test_cycle_statistics_and_throughput(sqlite_url: str) -> None:
     from storage.db import get_engine
 
     repo = Repository(get_engine(sqlite_url))
-    spec = _spec(sim_latency_ms=3, sim_latency_sigma=0)
+    spec = _spec(sim_latency_ms=3, sim_latency_sigma=0, **SMALL_SPLIT)
     with _quiet():
         ctx = cycle.prepare_cycle(spec, repo)
         baseline = cycle.run_baseline(ctx)
