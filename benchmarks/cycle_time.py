@@ -133,7 +133,9 @@ def plot(
             if t != task or not points:
                 continue
             xs, ys = zip(*sorted(points), strict=True)
-            ax.step(xs, ys, where="post", marker="o", markersize=3, label=optimizer)
+            # The GA reports its leader's minibatch fitness until the final selection.
+            label = f"{optimizer} (minibatch fitness)" if optimizer == "genetic" else optimizer
+            ax.step(xs, ys, where="post", marker="o", markersize=3, label=label)
         baseline = next((r["baseline"] for r in rows if r["task"] == task), None)
         if baseline is not None:
             ax.axhline(baseline, color="grey", linestyle=":", label="baseline (test)")

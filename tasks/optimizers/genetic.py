@@ -601,6 +601,12 @@ class GeneticOptimizer:
                 stop_reason=stop.reason,
                 details={"stopped": stop.message, **_details(ga)},
             )
+        if request.on_iteration is not None and not ga.stopped and ga.history:
+            # The final selection's full-valset score replaces the minibatch fitness.
+            last = len(ga.history)
+            request.on_iteration(
+                IterationEvent(last, total, ga.best_score, ga.best_score, progress=1.0)
+            )
         return OptimizeResult(
             program=program,
             val_score=ga.best_score,

@@ -142,8 +142,11 @@ def test_interface_reports_generations_and_honours_presets(intent) -> None:  # t
     cycle_lm = build_lm(LMSpec(model="sim"), task)
     with cycle_lm.context():
         result = optimizer.compile(request)
-    assert [e.iteration for e in events] == list(range(1, len(events) + 1))
-    assert events[-1].total == 4 and result.iterations == len(events)
+    # One event per generation, then the final selection's full-valset score.
+    assert [e.iteration for e in events[:-1]] == list(range(1, len(events)))
+    assert events[-1].iteration == events[-2].iteration == result.iterations
+    assert events[-1].best_score == result.val_score and events[-1].progress == 1.0
+    assert events[-1].total == 4
     assert result.val_score is not None and not result.stopped_early
     with pytest.raises(ValueError, match="unknown budget preset"):
         optimizer.compile(CompileRequest(**{**request.__dict__, "budget": "extreme"}))
