@@ -208,13 +208,40 @@ def run_baseline(ctx: CycleContext) -> float:
     return score
 
 
+def select_demo_pool(spec: CycleSpec, task: TaskDefinition, splits: Splits) -> list[dspy.Example]:
+    """The examples the optimizer may draw demos from (bootstrap candidates, demo sets).
+
+    With `demo_selection`, a pool chosen by sentence-embedding cosine similarity on the best
+    device (GPU when present): a spread-out pool covers more kinds of input than the first
+    N examples; a nearest pool matches what the program is validated on.
+    """
+    k = spec.demo_pool_size
+    if spec.demo_selection == "none" or len(splits.train) <= k:
+        return splits.train
+    from tasks.demo_selection import DemoSelector
+
+    selector = DemoSelector(splits.train, task.input_fields)
+    if spec.demo_selection == "diverse":
+        return selector.diverse_demos(k)
+    # nearest: rank training examples by how often they are a validation input's neighbour
+    votes: dict[int, int] = {}
+    index = {id(ex): i for i, ex in enumerate(splits.train)}
+    per_input = max(1, -(-k // max(1, len(splits.val))))
+    for neighbours in selector.nearest_demos_batch(splits.val, per_input + 1):
+        for rank, example in enumerate(neighbours):
+            i = index[id(example)]
+            votes[i] = votes.get(i, 0) + (per_input + 1 - rank)
+    ranked = sorted(votes, key=lambda i: (-votes[i], i))[:k]
+    return [splits.train[i] for i in sorted(ranked)]
+
+
 def run_optimizer(ctx: CycleContext) -> OptimizeResult:
     """Compile under the cycle's guard: every LM call and evaluation checks the budgets,
     and a stopped optimizer returns its best program so far."""
     optimizer = get_optimizer(ctx.spec.optimizer)
     request = CompileRequest(
         program=ctx.task.build_program(),
-        trainset=ctx.splits.train,
+        trainset=select_demo_pool(ctx.spec, ctx.task, ctx.splits),
         valset=ctx.splits.val,
         metric=ctx.task.metric,
         budget=ctx.spec.budget,

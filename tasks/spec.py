@@ -117,6 +117,13 @@ class CycleSpec(BaseModel):
     max_train: int | None = Field(None, gt=0, description="Use at most this many train examples.")
     max_val: int | None = Field(None, gt=0)
     max_test: int | None = Field(None, gt=0)
+    demo_selection: Literal["none", "diverse", "nearest"] = Field(
+        "none",
+        description="Embedding-based demo pool for the optimizer (all-MiniLM-L6-v2, cosine on "
+        "the best device): `diverse` = farthest-point spread over the trainset, `nearest` = "
+        "the training examples closest to the validation inputs. `none` = the whole trainset.",
+    )
+    demo_pool_size: int = Field(16, ge=1, description="Size of the selected demo pool.")
 
     @field_validator("optimizer")
     @classmethod

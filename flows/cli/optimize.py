@@ -43,6 +43,10 @@ def optimize(
     reflection_lm: str = typer.Option(
         None, help="LM that proposes instructions (GEPA reflection, GA rewrites); default --lm."
     ),
+    demo_selection: str = typer.Option(
+        "none", help="Demo pool by embeddings: none, diverse or nearest (GPU when present)."
+    ),
+    demo_pool_size: int = typer.Option(16, help="Size of the selected demo pool."),
     fmt: OutputFormat = typer.Option(OutputFormat.table, "--format"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Prefect and DSPy logs."),
 ) -> None:
@@ -76,6 +80,8 @@ def optimize(
             max_train=max_train,
             max_val=max_val,
             max_test=max_test,
+            demo_selection=demo_selection,  # type: ignore[arg-type]
+            demo_pool_size=demo_pool_size,
         )
         # Fail fast, before Prefect starts: task, dataset, LM availability, database.
         from storage.repository import Repository
