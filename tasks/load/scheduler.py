@@ -122,7 +122,9 @@ class OpenModelScheduler:
             error = TIMEOUT if isinstance(exc, TimeoutError) else self.target.classify(exc)
             self._error_samples.setdefault(error, f"{type(exc).__name__}: {exc}"[:300])
         done = perf()
-        if not self.target.cancellable and done - sent > timeout:
-            # The thread ran past the timeout: a caller with that timeout saw a timeout then.
+        if done - sent > timeout and (error == TIMEOUT or not self.target.cancellable):
+            # A caller with this timeout saw it at sent + timeout. Later is the generator's
+            # doing: a sync thread that cannot be interrupted, or a cancellation that a busy
+            # loop (or a client that shields its cleanup) delivered late.
             error, done = TIMEOUT, sent + timeout
         self.recorder.record(t0=self.t0, intended=intended, sent=sent, done=done, error=error)
