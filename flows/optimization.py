@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from prefect import flow
 from prefect.runtime import flow_run
 
-from storage.repository import Repository
+from storage.repository import Repository, new_id
 from tasks import cycle
 from tasks.batch import BatchOptions, BatchSummary, run_batch
-from tasks.batch_jobs import load_jobs
+from tasks.batch_jobs import batch_jobs_path, load_jobs, write_jobs
 from tasks.cycle import CycleSummary, summarize
 from tasks.job_queue import Backpressure
 from tasks.spec import CycleSpec
@@ -65,11 +66,12 @@ def optimization_batch(
     batch_id: str | None = None,
     task_tags: list[str] | None = None,
 ) -> BatchSummary:
-    """Run many cycles, one `run-cycle` task each (tag `optimization`), in priority order.
+    """Run many cycles, one `run-cycle` task each, in priority order.
 
-    `jobs`: cycle specs, or the path of a JSONL file with one spec per line (a file with
-    bad lines is rejected whole, every bad line named, unless `skip_invalid`). Jobs are
-    admitted from dspyflow's queue (capacity, backpressure at 90 %, at most
+    `jobs`: the path of a JSONL file with one spec per line (a file with bad lines is
+    rejected whole, every bad line named, unless `skip_invalid`), or a few hundred specs
+    at most (Prefect caps parameters at 512 KB; `run_optimization_batch` takes any number).
+    Jobs are admitted from dspyflow's queue (capacity, backpressure at 90 %, at most
     min(workers, max_concurrent) in flight) and share one LM rate limit. Every job ends
     in the database in a terminal state; the summary is returned and published as the
     `optimization-batch` artifact.
@@ -114,3 +116,12 @@ def optimization_batch(
         description=f"batch {summary.batch_id}: {summary.jobs} jobs",
     )
     return summary
+
+
+def run_optimization_batch(jobs: Sequence[CycleSpec], **options: Any) -> BatchSummary:
+    """`optimization_batch` for specs in memory, of any number: they are written to
+    `$DSPYFLOW_HOME/batches/<batch_id>.jsonl` (the batch's input, kept) and the flow gets
+    the path, since Prefect refuses flow-run parameters over 512 KB (~700 specs)."""
+    batch_id = options.pop("batch_id", None) or new_id()
+    path = write_jobs(jobs, batch_jobs_path(batch_id))
+    return optimization_batch(str(path), batch_id=batch_id, **options)

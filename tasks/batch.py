@@ -58,7 +58,9 @@ class BatchOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    workers: int = Field(64, gt=0, le=4096, description="Task-runner threads (or Dask slots).")
+    workers: int = Field(
+        64, gt=0, le=4096, description="Task-runner threads, or Dask task slots in all."
+    )
     max_concurrent: int = Field(
         DEFAULT_MAX_CONCURRENT, gt=0, description="Cap on cycles in flight at once."
     )
@@ -98,10 +100,9 @@ class BatchOptions(BaseModel):
 
     @property
     def in_flight_cap(self) -> int:
-        # More in flight than threads would queue jobs inside the runner, in FIFO order.
-        if self.task_runner == "threads":
-            return min(self.workers, self.max_concurrent)
-        return self.max_concurrent
+        # More in flight than slots would queue jobs inside the runner, where dspyflow's
+        # priorities no longer apply.
+        return min(self.workers, self.max_concurrent)
 
 
 class BatchSummary(BaseModel):

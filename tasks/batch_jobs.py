@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
@@ -96,6 +97,24 @@ def load_jobs(path: str | os.PathLike[str], *, skip_invalid: bool = False) -> Jo
     if rejected and (not skip_invalid or not jobs):
         raise JobsFileError(str(path), rejected)
     return JobsFile(path=str(path), jobs=jobs, lines=lines, rejected=rejected)
+
+
+def write_jobs(specs: Iterable[CycleSpec], path: str | os.PathLike[str]) -> Path:
+    """Write specs as a jobs file (non-default fields only), e.g. to hand a big batch to
+    the flow by path: Prefect refuses flow-run parameters over 512 KB (~700 specs)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as out:
+        for spec in specs:
+            out.write(spec.model_dump_json(exclude_defaults=True) + "\n")
+    return path
+
+
+def batch_jobs_path(batch_id: str) -> Path:
+    """Where a batch's jobs file is kept: `$DSPYFLOW_HOME/batches/<batch_id>.jsonl`."""
+    from storage.db import StorageSettings
+
+    return StorageSettings().home.expanduser() / "batches" / f"{batch_id}.jsonl"
 
 
 def capacity_jobs(

@@ -86,10 +86,11 @@ def batch(
 
         Repository()  # the database is reachable and at the current schema
 
-    from flows.optimization import optimization_batch
+    from flows.optimization import optimization_batch, run_optimization_batch
 
     with user_errors(JobsFileError):
-        summary = optimization_batch(
+        run = optimization_batch if isinstance(jobs, str) else run_optimization_batch
+        summary = run(
             jobs,
             workers=options.workers,
             max_concurrent=options.max_concurrent,
