@@ -22,6 +22,19 @@ from tasks.optimizers.base import (
     check_preset,
 )
 
+# Options that go to MIPROv2.compile rather than its constructor.
+_COMPILE_OPTIONS = frozenset(
+    {
+        "data_aware_proposer",
+        "program_aware_proposer",
+        "tip_aware_proposer",
+        "fewshot_aware_proposer",
+        "view_data_batch_size",
+        "minibatch_size",
+        "minibatch_full_eval_steps",
+    }
+)
+
 # MIPROv2's `auto` presets: candidates per preset (dspy 3.4).
 _CANDIDATES = {"light": 6, "medium": 12, "heavy": 18}
 
@@ -50,6 +63,7 @@ class MiproOptimizer:
         with dspy.context(callbacks=callbacks):
             options: dict[str, Any] = {"metric_threshold": request.metric_threshold}
             options.update(request.options)
+            compile_options = {k: options.pop(k) for k in list(options) if k in _COMPILE_OPTIONS}
             # MIPROv2 reads dspy.settings.lm in __init__: build it inside the cycle context.
             optimizer = dspy.MIPROv2(
                 metric=request.metric,
@@ -67,6 +81,7 @@ class MiproOptimizer:
                     trainset=request.trainset,
                     valset=request.valset,
                     minibatch=len(request.valset) > 50,
+                    **compile_options,
                 )
             except CycleStopped as stop:
                 return OptimizeResult(
