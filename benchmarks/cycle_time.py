@@ -127,7 +127,8 @@ def plot(
     import matplotlib.pyplot as plt
 
     tasks = sorted({task for task, _ in curves})
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
+    width = max(8.0, 5.5 * len(tasks))  # room for the title with one panel
+    fig, axes = plt.subplots(1, len(tasks), figsize=(width, 4), squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=True):
         for (t, optimizer), points in sorted(curves.items()):
             if t != task or not points:
