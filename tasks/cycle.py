@@ -325,8 +325,12 @@ def record_failure(repo: Repository, run_id: str, exc: BaseException, ctx: Cycle
         ctx.monitor.close()
         fields = ctx.usage_fields()
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    error = f"{type(exc).__name__}: {text}"
+    engine = ctx.lm.engine if ctx is not None else None
+    if engine is not None and engine.last_error and engine.last_error not in error:
+        error += f" (last LM error: {engine.last_error})"
     state = RunState.cancelled if isinstance(exc, KeyboardInterrupt) else RunState.failed
-    repo.finish_run(run_id, state, error=f"{type(exc).__name__}: {text}"[:2000], **fields)
+    repo.finish_run(run_id, state, error=error[:2000], **fields)
     release_control(run_id)
 
 

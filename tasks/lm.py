@@ -164,6 +164,9 @@ class ManagedEngine:
     supports_response_schema: bool = True
     supported_params: frozenset[str] = frozenset({"response_format", "temperature", "max_tokens"})
     retries_done: int = 0
+    # The last error that reached DSPy: DSPy's evaluator replaces it with "Execution
+    # cancelled due to errors", so the run's recorded reason comes from here.
+    last_error: str | None = None
     _rng: random.Random = field(default_factory=random.Random)
 
     def complete(self, request: dspy.lm15.Request) -> Response:
@@ -175,6 +178,10 @@ class ManagedEngine:
                 return self.inner.complete(request)
             except Exception as exc:
                 if not is_transient_lm_error(exc) or attempt >= self.retry.retries:
+                    text = str(exc).strip()
+                    self.last_error = (
+                        f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+                    )
                     raise
                 delay = self.retry.delay(attempt, self._rng, getattr(exc, "retry_after", None))
                 self.retries_done += 1
