@@ -295,15 +295,7 @@ class Repository:
         session_id: str | None = None,
         limit: int | None = None,
     ) -> Sequence[BenchmarkResult]:
-        stmt = select(BenchmarkResult)
-        for column, value in (
-            (BenchmarkResult.metric, metric),
-            (BenchmarkResult.suite, suite),
-            (BenchmarkResult.env_fingerprint, env_fingerprint),
-            (BenchmarkResult.session_id, session_id),
-        ):
-            if value is not None:
-                stmt = stmt.where(column == value)
+        stmt = _benchmark_filter(metric, suite, env_fingerprint, session_id)
         stmt = stmt.order_by(BenchmarkResult.created_at, BenchmarkResult.id)
         if limit is not None:
             stmt = stmt.limit(limit)
@@ -322,15 +314,7 @@ class Repository:
         limit: int | None = None,
     ) -> Sequence[BenchmarkResult]:
         """Newest first: a metric's history (regression checks, trends) or the latest rows."""
-        stmt = select(BenchmarkResult)
-        for column, value in (
-            (BenchmarkResult.metric, metric),
-            (BenchmarkResult.suite, suite),
-            (BenchmarkResult.env_fingerprint, env_fingerprint),
-            (BenchmarkResult.session_id, session_id),
-        ):
-            if value is not None:
-                stmt = stmt.where(column == value)
+        stmt = _benchmark_filter(metric, suite, env_fingerprint, session_id)
         if exclude_session is not None:
             stmt = stmt.where(BenchmarkResult.session_id != exclude_session)
         if since is not None:
@@ -401,6 +385,21 @@ class Repository:
             stmt = stmt.limit(limit)
         with connect_checked(self.engine), self._session() as s:
             return s.scalars(stmt).all()
+
+
+def _benchmark_filter(
+    metric: str | None, suite: str | None, env_fingerprint: str | None, session_id: str | None
+) -> Select[tuple[BenchmarkResult]]:
+    stmt = select(BenchmarkResult)
+    for column, value in (
+        (BenchmarkResult.metric, metric),
+        (BenchmarkResult.suite, suite),
+        (BenchmarkResult.env_fingerprint, env_fingerprint),
+        (BenchmarkResult.session_id, session_id),
+    ):
+        if value is not None:
+            stmt = stmt.where(column == value)
+    return stmt
 
 
 def _naive_utc(value: datetime) -> datetime:

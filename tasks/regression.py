@@ -160,6 +160,19 @@ class Measurement(BaseModel):
     def raw(self) -> list[float]:
         return [float(s) for s in self.samples] if self.samples else [self.value]
 
+    @classmethod
+    def from_row(cls, row: Any) -> Measurement:
+        """From a stored `BenchmarkResult` row."""
+        return cls(
+            metric=row.metric,
+            value=row.value,
+            unit=row.unit,
+            samples=row.samples,
+            params=row.params,
+            session_id=row.session_id,
+            created_at=row.created_at,
+        )
+
 
 class MetricVerdict(BaseModel):
     metric: str

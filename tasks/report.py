@@ -188,17 +188,7 @@ def collect(
                     q3=q3,
                 )
             )
-        measures = [
-            Measurement(
-                metric=r.metric,
-                value=r.value,
-                unit=r.unit,
-                samples=r.samples,
-                params=r.params,
-                created_at=r.created_at,
-            )
-            for r in rows
-        ]
+        measures = [Measurement.from_row(r) for r in rows]
         verdict = compare(measures[-1], measures[:-1]) if len(measures) > 1 else None
         trends.append(
             Trend(

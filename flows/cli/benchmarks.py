@@ -140,17 +140,7 @@ def benchmarks_trend(
         f"last {values[-1]:.4g} {found[-1].unit}",
         highlight=False,
     )
-    measures = [
-        Measurement(
-            metric=r.metric,
-            value=r.value,
-            unit=r.unit,
-            samples=r.samples,
-            params=r.params,
-            created_at=r.created_at,
-        )
-        for r in found
-    ]
+    measures = [Measurement.from_row(r) for r in found]
     if len(measures) > 1:
         verdict = compare(measures[-1], measures[:-1])
         console.print(f"latest vs history: {verdict.status} ({verdict.message})", highlight=False)
