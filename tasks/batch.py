@@ -268,8 +268,9 @@ def _task_runner(options: BatchOptions) -> Any:
             ) from None
         if options.dask_address:
             return DaskTaskRunner(address=options.dask_address)
-        return DaskTaskRunner(cluster_kwargs={"n_workers": 1, "processes": False,
-                                              "threads_per_worker": options.workers})  # fmt: skip
+        # No address: a local in-process cluster (threads), mostly for trying it out.
+        local = {"n_workers": 1, "processes": False, "threads_per_worker": options.workers}
+        return DaskTaskRunner(cluster_kwargs=local)
     from prefect.task_runners import ThreadPoolTaskRunner
 
     return ThreadPoolTaskRunner(max_workers=options.workers)
