@@ -53,7 +53,9 @@ def test_prefect_cancellation_ends_the_run_cancelled_with_its_best_program(
     monkeypatch.setattr(cycle_timer, "SAMPLE_INTERVAL_S", 0.05)
     repo = Repository()
     run_id = "prefectcancel" + str(time.time_ns())[-12:]
-    spec = _sim(sim_latency_ms=10, sim_latency_sigma=0, max_val=12)
+    # 40 ms a call, 12 validation examples: ~0.5 s a trial, so the remaining trials
+    # outlast the 0.2 s cancel poll even on a fast, idle machine (at 10 ms CI finished first).
+    spec = _sim(sim_latency_ms=40, sim_latency_sigma=0, max_val=12)
     holder: dict = {}
 
     def run() -> None:
