@@ -60,14 +60,7 @@ class BenchmarkRow(BaseModel):
     commit: str | None = None
 
     def measurement(self) -> Measurement:
-        return Measurement(
-            metric=self.metric,
-            value=self.value,
-            unit=self.unit,
-            samples=self.samples,
-            params=self.params,
-            session_id=self.session_id,
-        )
+        return Measurement.from_row(self)
 
 
 class NightlyEnvironment(BaseModel):

@@ -162,7 +162,7 @@ class Measurement(BaseModel):
 
     @classmethod
     def from_row(cls, row: Any) -> Measurement:
-        """From a stored `BenchmarkResult` row."""
+        """From a stored `BenchmarkResult` row, or anything with the same fields."""
         return cls(
             metric=row.metric,
             value=row.value,
@@ -170,7 +170,7 @@ class Measurement(BaseModel):
             samples=row.samples,
             params=row.params,
             session_id=row.session_id,
-            created_at=row.created_at,
+            created_at=getattr(row, "created_at", None),
         )
 
 
