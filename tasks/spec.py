@@ -10,6 +10,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Budget = Literal["light", "medium", "heavy"]
+StructuredOutput = Literal["auto", "json_schema", "json_object", "off"]
 
 # Optimizers behind the one interface in tasks/optimizers (names only: no dspy import here).
 # `capacity` is a capacity-test workload with a fixed LM-call count, not a real optimizer.
@@ -37,6 +38,14 @@ class LMSpec(BaseModel):
     max_tokens: int = Field(512, gt=0)
     num_retries: int = Field(4, ge=0, description="Retries of transient LM errors.")
     cache: bool = Field(False, description="DSPy's response cache (remote LMs only).")
+    structured_output: StructuredOutput = Field(
+        "auto",
+        description="What a remote LM is asked for: `json_schema` (the output fields' JSON "
+        "schema as `response_format`; vLLM, SGLang, llama.cpp and Ollama decode to it), "
+        "`json_object` (any JSON), `off` (DSPy's text format, no `response_format`), or "
+        "`auto` (`json_schema` with `api_base` or a model LiteLLM knows supports it, else "
+        "DSPy's default).",
+    )
     price_per_1k_input_usd: float | None = Field(None, ge=0)
     price_per_1k_output_usd: float | None = Field(None, ge=0)
     seed: int = 0
@@ -92,8 +101,12 @@ class CycleSpec(BaseModel):
     optimizer: str = Field("mipro", description="mipro, gepa or genetic.")
     budget: Budget = "light"
     lm: LMSpec = Field(default_factory=LMSpec)
+    # allow_inf_nan=False: `inf` passes gt=0 and then breaks the budget arithmetic later.
     time_budget_s: float = Field(
-        DEFAULT_TIME_BUDGET_S, gt=0, description="Hard limit on the cycle's wall time."
+        DEFAULT_TIME_BUDGET_S,
+        gt=0,
+        allow_inf_nan=False,
+        description="Hard limit on the cycle's wall time.",
     )
     budget_warning_at: float = Field(
         DEFAULT_WARNING_AT, gt=0, lt=1, description="Warn at this fraction of any budget."
@@ -104,7 +117,10 @@ class CycleSpec(BaseModel):
         None, gt=0, description="Stop after this many LM tokens (input + output)."
     )
     cost_budget_usd: float | None = Field(
-        None, gt=0, description="Stop at this LM cost (needs a known or configured price)."
+        None,
+        gt=0,
+        allow_inf_nan=False,
+        description="Stop at this LM cost (needs a known or configured price).",
     )
     reflection_lm: LMSpec | None = Field(
         None,

@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from rich.markup import escape
 
 from flows.cli.app import OutputFormat, app, console, fail, user_errors
-from flows.cli.runtime import prepare_runtime
+from flows.cli.runtime import prepare_runtime, temporary_prefect_server
 
 
 @app.command()
@@ -88,7 +89,7 @@ def batch(
 
     from flows.optimization import optimization_batch, run_optimization_batch
 
-    with user_errors(JobsFileError):
+    with user_errors(JobsFileError), temporary_prefect_server():
         run = optimization_batch if isinstance(jobs, str) else run_optimization_batch
         summary = run(
             jobs,
@@ -146,9 +147,11 @@ def _print_table(summary: Any) -> None:
         table.add_row(str(name), str(value))
     console.print(table)
     for error, count in summary.top_errors.items():
-        console.print(f"  {count} x {error}", style="red", highlight=False)
+        console.print(f"  {count} x {escape(str(error))}", style="red", highlight=False)
     for bad in summary.rejected_lines:
-        console.print(f"  line {bad.line} skipped: {bad.error}", style="red", highlight=False)
+        console.print(
+            f"  line {bad.line} skipped: {escape(str(bad.error))}", style="red", highlight=False
+        )
 
 
 def _ms(value: float | None) -> str:

@@ -34,7 +34,7 @@ def gpu_bench(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Prefect logs."),
 ) -> None:
     """Time matmul, distances, normalization and cosine top-k: ours vs plain torch."""
-    from flows.cli.runtime import prepare_runtime
+    from flows.cli.runtime import prepare_runtime, temporary_prefect_server
 
     prepare_runtime(verbose)
     if fmt is OutputFormat.csv:
@@ -50,7 +50,10 @@ def gpu_bench(
 
     from flows.gpu_benchmark import gpu_benchmark
 
-    state = gpu_benchmark(device=device.value, sizes=sizes.value, store=store, return_state=True)
+    with temporary_prefect_server():
+        state = gpu_benchmark(
+            device=device.value, sizes=sizes.value, store=store, return_state=True
+        )
     if not state.is_completed():
         with user_errors(DeviceUnavailableError):
             state.result()  # re-raises the flow's error: one clear line

@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 
 from flows.cli.app import OutputFormat, app, console, fail, user_errors
-from flows.cli.runtime import prepare_runtime
+from flows.cli.runtime import prepare_runtime, temporary_prefect_server
 
 
 @app.command()
@@ -26,6 +26,11 @@ def optimize(
     lm: str = typer.Option("local", help="local, sim, or a dspy.LM model string."),
     api_base: str = typer.Option(None, help="OpenAI-compatible server for --lm."),
     api_key_env: str = typer.Option(None, help="Environment variable holding the API key."),
+    structured_output: str = typer.Option(
+        "auto",
+        help="Remote LM output format: auto, json_schema, json_object or off "
+        "(auto sends the JSON schema to an --api-base server).",
+    ),
     time_budget: float = typer.Option(7200.0, "--time-budget", help="Seconds; hard limit."),
     program: str = typer.Option(None, help="Your program, module:attr."),
     metric: str = typer.Option(None, help="Your metric, module:function."),
@@ -64,6 +69,7 @@ def optimize(
                 model=lm,
                 api_base=api_base,
                 api_key_env=api_key_env,
+                structured_output=structured_output,  # type: ignore[arg-type]
                 price_per_1k_input_usd=price_in,
                 price_per_1k_output_usd=price_out,
             ),
@@ -108,7 +114,11 @@ def optimize(
     try:
         # DSPy prints tqdm bars to stdout; keep stdout for our output (JSON must parse).
         noise = sys.stderr if verbose else open(os.devnull, "w")  # noqa: SIM115
-        with user_errors(LocalLMUnavailableError), contextlib.redirect_stdout(noise):
+        with (
+            user_errors(LocalLMUnavailableError),
+            contextlib.redirect_stdout(noise),
+            temporary_prefect_server(),
+        ):
             try:
                 summary = optimization_cycle(spec, run_id=run_id)
             except Exception:

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
+from collections.abc import Iterator
+from typing import Any
 
 
 def prepare_runtime(verbose: bool = False) -> None:
     """Call before importing prefect/dspy in a command."""
     os.environ.setdefault("TQDM_DISABLE", "1")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # LiteLLM's bundled price map, not a download at import (8 s of retries offline).
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     # On 2 busy cores Prefect's ephemeral server can take longer than its 20 s default.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     if not verbose:
@@ -18,3 +24,62 @@ def prepare_runtime(verbose: bool = False) -> None:
         os.environ.setdefault("LITELLM_LOG", "ERROR")
     for name in ("dspy", "optuna", "httpx", "LiteLLM", "litellm"):
         logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """In the forked child, before exec: the kernel sends SIGTERM when the parent dies,
+    even by SIGKILL or a segfault (Linux `PR_SET_PDEATHSIG`, kept across exec)."""
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+@contextlib.contextmanager
+def temporary_prefect_server() -> Iterator[None]:
+    """A temporary Prefect server for one command that cannot outlive it.
+
+    Prefect's ephemeral server is a uvicorn child that Prefect stops at exit; a CLI killed
+    by `kill -9` or a segfault never gets there and leaves it running (~230 MB each). We
+    start the same server from the main thread with the parent-death signal set, so the
+    kernel ends it with us. With `PREFECT_API_URL` set (a real server) or off Linux this
+    does nothing and Prefect behaves as usual.
+    """
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if PREFECT_API_URL.value() or not sys.platform.startswith("linux"):
+        yield
+        return
+    import subprocess
+    import types
+
+    import prefect.server.api.server as server_module
+
+    parent = os.getpid()
+
+    def popen(*args: Any, **kwargs: Any) -> subprocess.Popen[Any]:
+        return subprocess.Popen(*args, preexec_fn=lambda: _die_with_parent(parent), **kwargs)
+
+    class _BoundServer(server_module.SubprocessASGIServer):
+        _instances = {}  # not Prefect's registry: its own ephemeral server stays separate
+        def _run_uvicorn_command(self) -> subprocess.Popen[Any]:
+            # Prefect builds the uvicorn command; only its module's Popen gains the
+            # parent-death signal (a shim for that one module, not the process).
+            shim = types.SimpleNamespace(**{**vars(subprocess), "Popen": popen})
+            server_module.subprocess = shim  # type: ignore[assignment]
+            try:
+                return super()._run_uvicorn_command()
+            finally:
+                server_module.subprocess = subprocess
+
+    server = _BoundServer()
+    server.start()
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+            yield
+    finally:
+        server.stop()

@@ -1,0 +1,142 @@
+"""The embedded LM's settings, measured: llama.cpp threads and extra buffer types.
+
+The workload is the quick start's: real intent-classifier prompts as DSPy's JSONAdapter
+writes them (with the output JSON schema), for a program without demos and one with 4
+demos, alternating per trial as MIPROv2 does. The prompts are captured once; every
+configuration then answers the same requests through `LocalLlamaEngine` (the code path
+of a cycle). Rounds interleave the configurations in alternating order, the first round
+is a discarded warm-up, and each figure is the median seconds per LM call with min-max
+and n. Ratios are against the first configuration, in the same run.
+
+    python benchmarks/local_lm.py --calls 24 --rounds 5
+    python benchmarks/local_lm.py --configs t1,t2,t1-nobufts
+
+Prints a table and, as its last line, one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+# name -> LocalLlamaEngine options
+CONFIGS: dict[str, dict[str, Any]] = {
+    "t1": {"n_threads": 1, "extra_bufts": True},
+    "t2": {"n_threads": 2, "extra_bufts": True},
+    "t1-nobufts": {"n_threads": 1, "extra_bufts": False},
+}
+
+
+def capture_requests(calls: int) -> list[Any]:
+    """The requests a MIPROv2-like evaluation of the intent task sends, in order."""
+    import dspy
+
+    from tasks.lm import build_lm
+    from tasks.programs import get_task
+    from tasks.spec import LMSpec
+
+    task = get_task("intent")
+    splits = task.load_splits()
+    cycle_lm = build_lm(LMSpec(model="sim"), task)
+    assert cycle_lm.engine is not None
+    inner = cycle_lm.engine.inner
+    captured: list[Any] = []
+
+    class Recorder:
+        supports_response_schema = True
+        supported_params = inner.supported_params
+
+        def complete(self, request: Any) -> Any:
+            captured.append(request)
+            return inner.complete(request)
+
+    cycle_lm.engine.inner = Recorder()  # type: ignore[assignment]
+    plain = task.build_program()
+    with_demos = task.build_program()
+    for predictor in with_demos.predictors():
+        predictor.demos = list(splits.train[:4])
+    examples = splits.test
+    i = 0
+    with cycle_lm.context():
+        while len(captured) < calls:
+            program = plain if (i // 4) % 2 == 0 else with_demos  # 4 calls a trial
+            example = examples[i % len(examples)]
+            program(**{f: example[f] for f in task.input_fields})
+            i += 1
+    del dspy
+    return captured[:calls]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--calls", type=int, default=24, help="LM calls per round and config")
+    parser.add_argument("--rounds", type=int, default=5, help="measured rounds (+1 warm-up)")
+    parser.add_argument("--configs", default="t1,t2,t1-nobufts")
+    args = parser.parse_args()
+
+    from tasks.lm import LocalLlamaEngine
+
+    names = [n.strip() for n in args.configs.split(",") if n.strip()]
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        parser.error(f"unknown configs {unknown}; known: {', '.join(CONFIGS)}")
+    requests = capture_requests(args.calls)
+    engines = {name: LocalLlamaEngine(**CONFIGS[name]) for name in names}
+    per_call: dict[str, list[float]] = {name: [] for name in names}
+    for round_no in range(args.rounds + 1):
+        order = names if round_no % 2 == 0 else list(reversed(names))
+        for name in order:
+            engine = engines[name]
+            started = time.perf_counter()
+            for request in requests:
+                engine.complete(request)
+            elapsed = (time.perf_counter() - started) / len(requests)
+            if round_no > 0:  # round 0 is the warm-up
+                per_call[name].append(elapsed)
+
+    base = statistics.median(per_call[names[0]])
+    rows = []
+    print(f"{'config':<22}{'s/call median':>14}{'min':>8}{'max':>8}{'n':>4}{'vs ' + names[0]:>10}")
+    for name in names:
+        values = per_call[name]
+        med = statistics.median(values)
+        rows.append(
+            {
+                "config": name,
+                **CONFIGS[name],
+                "s_per_call_median": round(med, 4),
+                "min": round(min(values), 4),
+                "max": round(max(values), 4),
+                "n": len(values),
+                "ratio_vs_first": round(med / base, 3),
+            }
+        )
+        print(
+            f"{name:<22}{med:>14.3f}{min(values):>8.3f}{max(values):>8.3f}"
+            f"{len(values):>4}{med / base:>10.3f}"
+        )
+    print(
+        json.dumps(
+            {
+                "benchmark": "local_lm",
+                "calls_per_round": len(requests),
+                "rounds": args.rounds,
+                "cpu_count": os.cpu_count(),
+                "load_avg_1m": os.getloadavg()[0],
+                "configs": rows,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
