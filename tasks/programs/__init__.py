@@ -56,7 +56,15 @@ class TaskDefinition:
             stat = self.dataset_path.stat()
         except OSError:  # let load_jsonl raise its DatasetError naming the file
             return load_jsonl(self.dataset_path, self.input_fields, self.output_fields)
-        key = (self.dataset_path, stat.st_mtime_ns, stat.st_size, self.input_fields)
+        # Every argument of load_jsonl is in the key: two tasks on one file with other
+        # fields must not share examples.
+        key = (
+            self.dataset_path.resolve(),
+            stat.st_mtime_ns,
+            stat.st_size,
+            self.input_fields,
+            self.output_fields,
+        )
         cached = _SPLITS_CACHE.get(key)
         if cached is None:
             cached = load_jsonl(self.dataset_path, self.input_fields, self.output_fields)
