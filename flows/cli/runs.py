@@ -7,6 +7,7 @@ from datetime import datetime
 from typing import Any
 
 import typer
+from rich.markup import escape
 
 from flows.cli.app import OutputFormat, app, console, emit_rows, fail, user_errors
 
@@ -137,8 +138,10 @@ def runs_show(
         for name, predictor in run.program_state.items():
             if isinstance(predictor, dict) and "signature" in predictor:
                 instructions = predictor["signature"].get("instructions", "")
-                console.print(f"[bold]{name}[/]: {len(predictor.get('demos', []))} demos")
-                console.print(f"  instructions: {instructions}", highlight=False)
+                # escape(): instructions and names are user text; `[/x]` is not markup here.
+                demos = len(predictor.get("demos", []))
+                console.print(f"[bold]{escape(name)}[/]: {demos} demos")
+                console.print(f"  instructions: {escape(str(instructions))}", highlight=False)
 
 
 @runs_app.command("recover")
