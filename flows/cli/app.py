@@ -11,13 +11,45 @@ from contextlib import contextmanager
 from enum import StrEnum
 from typing import Any, NoReturn
 
+import click
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
+from typer.core import TyperGroup
+
+
+class _Group(TyperGroup):
+    """The root command: a database error escaping any command is one line, not a traceback
+    (a locked SQLite file, a corrupt one, a full connection pool, a server that went away)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except Exception as exc:
+            message = _database_error(exc)
+            if message is None:
+                raise
+            fail(message)
+
+
+def _database_error(exc: BaseException) -> str | None:
+    if "sqlalchemy" not in sys.modules and "storage.db" not in sys.modules:
+        return None  # no database was touched: keep the import-light --help path
+    from storage.db import database_url, describe_error
+
+    try:
+        url: str | None = database_url()
+    except Exception:  # noqa: BLE001 - the message stays useful without the URL
+        url = None
+    error = describe_error(exc, url)
+    return None if error is None else str(error)
+
 
 app = typer.Typer(
     name="dspyflow",
+    cls=_Group,
     help="Run DSPy prompt optimization as Prefect flows and query the results.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -52,6 +84,11 @@ def user_errors(*kinds: type[BaseException]) -> Iterator[None]:
         fail("; ".join(_format_validation_error(e) for e in exc.errors()))
     except (StorageError, LookupError, ValueError, *kinds) as exc:
         fail(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+    except Exception as exc:
+        message = _database_error(exc)
+        if message is None:
+            raise
+        fail(message)
 
 
 def _format_validation_error(err: Any) -> str:
@@ -82,7 +119,7 @@ def emit_rows(
         sys.stdout.write(buf.getvalue())
         return
     formatters = formatters or {}
-    table = Table(title=title)
+    table = Table(title=escape(title) if title else None)
     for col in columns:
         table.add_column(col, no_wrap=col == "id")
     for row in rows:
@@ -92,11 +129,12 @@ def emit_rows(
     out.print(table)
 
 
-def _cell(value: Any, formatter: Callable[[Any], str] | None) -> str:
+def _cell(value: Any, formatter: Callable[[Any], str] | None) -> Text:
+    # Text, not str: a cell is data (an instruction, an error), never rich markup.
     if value is None:
-        return "-"
+        return Text("-")
     if formatter is not None:
-        return formatter(value)
+        return Text(formatter(value))
     if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
+        return Text(f"{value:.4g}")
+    return Text(str(value))
