@@ -179,10 +179,17 @@ def evaluate_program(
             errors.append(exc)
             raise
 
+    def metric(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return ctx.task.metric(*args, **kwargs)
+        except Exception as exc:  # a failing metric, too, is named instead of "cancelled"
+            errors.append(exc)
+            raise
+
     with ctx.lm.context():
         evaluator = dspy.Evaluate(
             devset=examples,
-            metric=ctx.task.metric,
+            metric=metric,
             num_threads=ctx.spec.num_threads,
             display_progress=False,
             provide_traceback=False,

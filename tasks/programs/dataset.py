@@ -12,6 +12,7 @@ import importlib
 import importlib.util
 import inspect
 import json
+import numbers
 import os
 import random
 import sys
@@ -38,6 +39,10 @@ class DatasetError(ValueError):
 
 class UserTaskError(ValueError):
     """A user's program or metric reference that cannot be resolved or used."""
+
+
+class UserMetricError(UserTaskError):
+    """The user's metric raised, or returned something that is not a score."""
 
 
 @dataclass
@@ -178,6 +183,7 @@ def load_user_task(
             f"metric {metric_ref!r} is not callable (it is a {type(metric).__name__})"
         )
     _check_metric_arity(metric, metric_ref)
+    metric = UserMetric(metric, metric_ref)
 
     dataset_path = Path(dataset_path)
     load_jsonl(dataset_path, input_fields, output_fields)  # fail fast, with line numbers
@@ -310,6 +316,40 @@ def _check_metric_arity(metric: Callable[..., Any], ref: str) -> None:
         ) from None
 
 
+class UserMetric:
+    """A user's metric whose failures name it.
+
+    Inside DSPy's evaluator a raising metric is just one more error, and a run whose every
+    example failed ended "Execution cancelled due to errors". Raised as UserMetricError,
+    the cycle's failure says which metric failed and how. A class, not a closure, so the
+    task stays picklable; ``__wrapped__`` keeps the user's signature for callers that
+    inspect it (GEPA's five-argument adapter)."""
+
+    def __init__(self, fn: Callable[..., Any], ref: str) -> None:
+        self.__wrapped__ = fn
+        self.ref = ref
+        self.__name__ = getattr(fn, "__name__", "metric")
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            score = self.__wrapped__(*args, **kwargs)
+        except Exception as exc:
+            raise UserMetricError(
+                f"metric {self.ref!r} raised {type(exc).__name__}: {exc}"
+            ) from exc
+        if not _is_score(score):
+            raise UserMetricError(
+                f"metric {self.ref!r} returned {type(score).__name__} {_preview(repr(score))}; "
+                "a metric returns a number or a bool"
+            )
+        return score
+
+
+def _is_score(value: Any) -> bool:
+    # Numbers (bool, numpy scalars), or a dspy.Prediction-like object with a score (GEPA).
+    return isinstance(value, numbers.Real) or hasattr(value, "score")
+
+
 def _user_wrong_answer(gold_outputs: dict[str, Any], rng: random.Random) -> dict[str, Any]:
     """For a user task we know no plausible confusions: string outputs become "unknown"."""
     del rng  # deterministic; the parameter keeps the `wrong_answer` shape
@@ -321,6 +361,8 @@ __all__ = [
     "SPLIT_NAMES",
     "DatasetError",
     "Splits",
+    "UserMetric",
+    "UserMetricError",
     "UserTaskError",
     "load_jsonl",
     "load_user_task",
