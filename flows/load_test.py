@@ -27,7 +27,7 @@ def load_test(config: LoadTestConfig, run_id: str | None = None) -> LoadTestOutc
         verdict = steps.evaluate(result, config)
         steps.record(run_id, result, verdict)
     except BaseException as exc:
-        steps.record_crash(run_id, exc)
+        steps.record_crash(run_id, exc, config)
         raise
     # After the record: a report that fails fails the flow run, never loses the data.
     html_path, md_path = steps.report(run_id, config, result, verdict)

@@ -18,9 +18,17 @@ from tasks.load.patterns import (
     SpikePattern,
     WavePattern,
 )
+from tasks.load.redact import redact_headers, redact_url, secrets_of
 from tasks.load.thresholds import parse_threshold
 
 PatternName = Literal["constant", "ramp", "spike", "wave"]
+
+# With no thresholds of the user's, a run fails when a tenth or more of its requests fail:
+# without it a load test in which every request failed (a wrong URL, a dead service)
+# "passed" with exit 0. A tenth is the pass mark of the load-tiers flow; failing on any
+# error would fail every stress test, and on 100 % only would pass a 99 %-broken run.
+# Any -t replaces it (`-t error_rate<=1` accepts every error rate).
+DEFAULT_THRESHOLDS: tuple[str, ...] = ("error_rate<0.1",)
 
 
 class LoadTestConfig(BaseModel):
@@ -116,9 +124,26 @@ class LoadTestConfig(BaseModel):
         return any(getattr(self, f) is not None for f in ("url", "callable", "program_run_id"))
 
     @property
+    def effective_thresholds(self) -> list[str]:
+        """The user's thresholds, or DEFAULT_THRESHOLDS when there are none."""
+        return list(self.thresholds) or list(DEFAULT_THRESHOLDS)
+
+    def secrets(self) -> list[str]:
+        """Literal credentials of the target (URL password, secret headers)."""
+        return secrets_of(self.url, self.headers)
+
+    def redacted_dump(self) -> dict[str, Any]:
+        """The config as JSON for the database and reports: credentials masked."""
+        data = self.model_dump(mode="json")
+        if self.url:
+            data["url"] = redact_url(self.url)
+        data["headers"] = redact_headers(self.headers)
+        return data
+
+    @property
     def target_label(self) -> str:
         if self.url:
-            return self.url
+            return redact_url(self.url)
         if self.callable:
             return f"callable:{self.callable}"
         return f"program:{self.program_run_id}" if self.program_run_id else "in-process"

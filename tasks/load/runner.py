@@ -18,6 +18,7 @@ from tasks.load.bottlenecks import Bottleneck, detect
 from tasks.load.config import LoadTestConfig
 from tasks.load.monitor import ResourceMonitor, attach_to_windows
 from tasks.load.patterns import Phase
+from tasks.load.redact import scrub
 from tasks.load.results import (
     LoadSummary,
     LoadTestResult,
@@ -117,9 +118,11 @@ async def arun_load_test(
         members = [w for w in windows if w.phase == phase and _in_plan(w, pattern.duration)]
         if members:
             phases[phase.value], hists[phase.value] = phase_stats(phase.value, members)
+    secrets = config.secrets()
     summary = LoadSummary(
         name=config.name,
-        target=tgt.name,
+        # Credentials of the URL or headers must not reach the database or a report.
+        target=scrub(tgt.name, secrets),
         pattern=pattern.name,
         planned_requests=round(pattern.total),
         duration_s=run.duration_s,
@@ -128,7 +131,7 @@ async def arun_load_test(
         overall=overall,
         phases=phases,
         resources=monitor.summary(),
-        error_samples=run.error_samples,
+        error_samples={k: scrub(v, secrets) for k, v in run.error_samples.items()},
     )
     return LoadTestResult(summary=summary, windows=windows, resources=samples, histograms=hists)
 
@@ -168,7 +171,7 @@ def judge(result: LoadTestResult, config: LoadTestConfig) -> Verdict:
     summary = result.summary
     phase = Phase.steady.value if Phase.steady.value in summary.phases else "overall"
     outcomes = evaluate(
-        parse_thresholds(config.thresholds), summary.steady, result.histograms[phase]
+        parse_thresholds(config.effective_thresholds), summary.steady, result.histograms[phase]
     )
     bottlenecks = detect(summary, config.bottlenecks)
     return Verdict(

@@ -83,7 +83,7 @@ def report(
         thresholds=verdict.thresholds,
         bottlenecks=verdict.bottlenecks,
         run_id=run_id,
-        config=config.model_dump(mode="json"),
+        config=config.redacted_dump(),
     )
     html_path, md_path = write_reports(data, config.report_path or default_report_path(run_id))
     store.set_report_path(Repository(), run_id, str(html_path))
@@ -100,7 +100,7 @@ def record(run_id: str, result: LoadTestResult, verdict: Verdict) -> None:
     store.finish_record(Repository(), run_id, result, verdict)
 
 
-def record_crash(run_id: str, exc: BaseException) -> None:
+def record_crash(run_id: str, exc: BaseException, config: LoadTestConfig | None = None) -> None:
     """Best effort: the original error matters more than a second one from the database."""
     with contextlib.suppress(Exception):  # the database itself may be the problem
-        store.crash_record(Repository(), run_id, exc)
+        store.crash_record(Repository(), run_id, exc, config.secrets() if config else None)

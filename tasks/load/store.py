@@ -16,6 +16,7 @@ from storage.repository import Repository
 from tasks.load.config import LoadTestConfig
 from tasks.load.histograms import decode, encode, percentiles
 from tasks.load.patterns import Phase
+from tasks.load.redact import scrub
 from tasks.load.results import LoadSummary, LoadTestResult, PhaseStats, Window, phase_stats
 from tasks.load.runner import Verdict
 
@@ -34,9 +35,9 @@ def start_record(
         name=config.name,
         target=config.target_label[:500],
         pattern=config.pattern,
-        config=config.model_dump(mode="json"),
+        config=config.redacted_dump(),
         state=RUNNING,
-        thresholds=[{"expr": t} for t in config.thresholds],
+        thresholds=[{"expr": t} for t in config.effective_thresholds],
         flow_run_id=flow_run_id,
     )
 
@@ -106,12 +107,14 @@ def set_report_path(repo: Repository, run_id: str, path: str) -> None:
     repo.finish_load_test(run_id, windows=[], report_path=path)  # no windows: fields only
 
 
-def crash_record(repo: Repository, run_id: str, error: BaseException) -> None:
+def crash_record(
+    repo: Repository, run_id: str, error: BaseException, secrets: list[str] | None = None
+) -> None:
     repo.finish_load_test(
         run_id,
         windows=[],
         state=CRASHED,
-        summary={"error": f"{type(error).__name__}: {error}"[:2000]},
+        summary={"error": scrub(f"{type(error).__name__}: {error}", secrets or [])[:2000]},
         passed=False,
     )
 
