@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+import signal
+import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import FrameType
 from typing import Any, Literal
 
 from prefect import flow
@@ -17,6 +21,33 @@ from tasks.cycle import CycleSummary, summarize
 from tasks.job_queue import Backpressure
 from tasks.spec import CycleSpec
 
+logger = logging.getLogger("dspyflow.flows")
+
+
+def cancel_on_sigterm(run_id: str) -> Callable[[], None]:
+    """SIGTERM (a Prefect worker, Kubernetes, systemd stopping us) ends the cycle as Ctrl-C
+    does: cancelled, with its best program scored and saved. A second SIGTERM goes to the
+    handler that was there before (Prefect's: TerminationSignal, the run ends cancelled
+    without waiting). Returns a function that restores that handler.
+
+    Prefect's flow engine installs its SIGTERM handler (`capture_sigterm`) around the flow
+    run, so ours goes in here, inside the flow, and only while the cycle runs. Signals are
+    the main thread's alone; elsewhere (a flow in a worker thread) this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    from tasks.budget import cancel_run
+
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        logger.warning("SIGTERM: stopping run %s with its best program so far", run_id)
+        cancel_run(run_id, "terminated (SIGTERM)")
+        signal.signal(signal.SIGTERM, previous)
+
+    signal.signal(signal.SIGTERM, handler)
+    return lambda: signal.signal(signal.SIGTERM, previous)
+
 
 @flow(name="optimization-cycle", persist_result=False, log_prints=True)
 def optimization_cycle(spec: CycleSpec, run_id: str | None = None) -> CycleSummary:
@@ -26,20 +57,24 @@ def optimization_cycle(spec: CycleSpec, run_id: str | None = None) -> CycleSumma
     recorded first and then re-raised, so the Prefect flow run fails too.
     """
     repo = Repository()
+    run_id = run_id or new_id()
     ctx = None
+    result = None
+    restore_sigterm = cancel_on_sigterm(run_id)
     try:
         ctx = cycle.prepare(spec, repo, run_id=run_id, flow_run_id=flow_run.get_id())
         baseline_score = cycle.baseline(ctx)
         # Prefect's timeout is the outer guard; the budget itself is enforced inside.
         optimize = cycle.optimize.with_options(timeout_seconds=spec.time_budget_s * 1.25 + 60)
         result = optimize(ctx)
-        test_score = cycle.evaluate(ctx, result.program)
+        test_score = cycle.evaluate(ctx, result)
         cycle.record(ctx, baseline_score, result, test_score)
     except BaseException as exc:
-        failed_run = ctx.run_id if ctx is not None else run_id
-        if failed_run is not None:
-            cycle.record_failure(repo, failed_run, exc, ctx)
+        # With `result`, a failed final evaluation still keeps the optimized program.
+        cycle.record_failure(repo, run_id, exc, ctx, result)
         raise
+    finally:
+        restore_sigterm()
     summary = summarize(repo, ctx.run_id)
     if summary.state == "cancelled":
         # Cancelled (Prefect UI/API, Ctrl-C, cancel_run): the best program so far is saved;

@@ -51,6 +51,26 @@ class RunState(enum.StrEnum):
 
 
 TERMINAL_STATES = frozenset(s for s in RunState if s.terminal)
+FINAL_STATES = TERMINAL_STATES - {RunState.stale}  # nothing leaves these
+
+# Every state change of a run, and who may make it. A worker changes only the run it
+# claimed (its lease); an operator (recovery, a batch's dispatcher, `runs cancel`)
+# changes only runs nobody holds: queued ones, or stale ones whose worker is gone.
+# `storage.repository` refuses any write this table does not name.
+WORKER_TRANSITIONS: dict[RunState, frozenset[RunState]] = {
+    # queued -> running is the claim itself (`start_run`), which issues the lease.
+    RunState.running: FINAL_STATES,
+}
+OPERATOR_TRANSITIONS: dict[RunState, frozenset[RunState]] = {
+    RunState.queued: frozenset({RunState.cancelled, RunState.failed, RunState.stale}),
+    RunState.running: frozenset({RunState.stale}),  # heartbeat too old or worker gone
+    RunState.stale: frozenset({RunState.queued, RunState.failed, RunState.cancelled}),
+}
+
+
+def can_transition(current: RunState, new: RunState, *, worker: bool) -> bool:
+    table = WORKER_TRANSITIONS if worker else OPERATOR_TRANSITIONS
+    return new in table.get(current, frozenset())
 
 
 class OptimizationRun(Base):
@@ -70,9 +90,13 @@ class OptimizationRun(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     attempt: Mapped[int] = mapped_column(Integer, default=1)
-    worker: Mapped[str | None] = mapped_column(String(200))
+    worker: Mapped[str | None] = mapped_column(String(200))  # host:pid of the claimant
+    # The claim: issued by `start_run`; every later write of the worker must present it,
+    # so a worker that lost the run (stale, re-queued, claimed again) cannot write it.
+    lease: Mapped[str | None] = mapped_column(String(32))
     baseline_score: Mapped[float | None] = mapped_column(Float)
-    best_score: Mapped[float | None] = mapped_column(Float)
+    best_score: Mapped[float | None] = mapped_column(Float)  # test score of the program
+    val_score: Mapped[float | None] = mapped_column(Float)  # the optimizer's own best
     lm_calls: Mapped[int] = mapped_column(Integer, default=0)
     input_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     output_tokens: Mapped[int] = mapped_column(BigInteger, default=0)

@@ -16,7 +16,6 @@ from sqlalchemy.orm import Session, selectinload
 
 from storage.db import check_schema, connect_checked, get_engine, session_factory
 from storage.models import (
-    TERMINAL_STATES,
     BenchmarkResult,
     LoadTestRun,
     LoadTestWindow,
@@ -24,6 +23,7 @@ from storage.models import (
     ProgressSample,
     RunAlert,
     RunState,
+    can_transition,
 )
 
 
@@ -33,6 +33,10 @@ def new_id() -> str:
 
 class RunNotFoundError(LookupError):
     pass
+
+
+class RunClaimError(RuntimeError):
+    """A worker could not claim a run: another worker holds it, or it is not queued."""
 
 
 class Repository:
@@ -94,8 +98,11 @@ class Repository:
 
     def start_run(
         self, run_id: str, *, flow_run_id: str | None = None, worker: str | None = None
-    ) -> bool:
-        """queued -> running (compare-and-set). False if it was not queued."""
+    ) -> str | None:
+        """queued -> running (compare-and-set): the claim. Returns the lease that every
+        later write of this worker must present, or None if the run was not queued (another
+        worker claimed it, it ended, or recovery marked it stale)."""
+        lease = new_id()
         with self._session() as s, s.begin():
             result = s.execute(
                 update(OptimizationRun)
@@ -106,88 +113,187 @@ class Repository:
                     heartbeat_at=func.now(),
                     flow_run_id=flow_run_id,
                     worker=worker,
+                    lease=lease,
                 )
             )
+            return lease if result.rowcount == 1 else None
+
+    def heartbeat(self, run_id: str, lease: str, **progress: Any) -> bool:
+        """Refresh the claim (and progress fields). False: the lease is gone (the run was
+        marked stale, re-queued, claimed by another worker or ended): stop spending."""
+        with self._session() as s, s.begin():
+            result = s.execute(_claimed(run_id, lease).values(heartbeat_at=func.now(), **progress))
             return result.rowcount == 1
 
-    def heartbeat(self, run_id: str, **progress: Any) -> None:
+    def update_run(self, run_id: str, lease: str, **fields: Any) -> bool:
+        """Update non-state fields of the run this worker holds. False: lease lost."""
+        if "state" in fields or "lease" in fields:
+            raise ValueError("update_run changes no state; use finish_run")
         with self._session() as s, s.begin():
-            s.execute(
-                update(OptimizationRun)
-                .where(
-                    OptimizationRun.id == run_id, OptimizationRun.state == RunState.running.value
-                )
-                .values(heartbeat_at=func.now(), **progress)
-            )
+            return s.execute(_claimed(run_id, lease).values(**fields)).rowcount == 1
 
-    def update_run(self, run_id: str, **fields: Any) -> None:
-        """Update non-state fields of a run that is not terminal yet."""
-        with self._session() as s, s.begin():
-            s.execute(
-                update(OptimizationRun)
-                .where(
-                    OptimizationRun.id == run_id,
-                    OptimizationRun.state.not_in([st.value for st in TERMINAL_STATES]),
-                )
-                .values(**fields)
-            )
+    def finish_run(
+        self, run_id: str, state: RunState, *, lease: str | None = None, **fields: Any
+    ) -> bool:
+        """Move a run to a terminal state once (compare-and-set on the claimant).
 
-    def finish_run(self, run_id: str, state: RunState, **fields: Any) -> bool:
-        """Move a run to a terminal state once. False if it already was terminal."""
+        With `lease`: the worker that holds the run finishes it (running -> terminal).
+        Without: an operator finishes a run nobody holds (queued or stale -> failed or
+        cancelled; `storage.models.OPERATOR_TRANSITIONS`). False if the table or the
+        claim refuses it."""
         if not state.terminal:
             raise ValueError(f"{state.value} is not a terminal state")
+        return self._transition(run_id, state, claim=lease, finished=True, **fields)
+
+    def _transition(
+        self,
+        run_id: str,
+        new: RunState,
+        *,
+        claim: str | None,
+        finished: bool = False,
+        expect_worker: str | None = None,
+        **fields: Any,
+    ) -> bool:
+        """One state change, allowed by the transition table for who makes it: the
+        claimant (`claim`, its lease) or an operator (None). Compare-and-set."""
+        by_worker = claim is not None
+        sources = [st.value for st in RunState if can_transition(st, new, worker=by_worker)]
+        if not sources:
+            who = "a worker" if by_worker else "an operator"
+            raise ValueError(f"{who} cannot move a run to {new.value}")
+        stmt = update(OptimizationRun).where(
+            OptimizationRun.id == run_id, OptimizationRun.state.in_(sources)
+        )
+        if by_worker:
+            stmt = stmt.where(OptimizationRun.lease == claim)
+        if expect_worker is not None:
+            stmt = stmt.where(OptimizationRun.worker == expect_worker)
+        values: dict[str, Any] = {"state": new.value, **fields}
+        if finished:
+            values["finished_at"] = func.now()
+        with self._session() as s, s.begin():
+            return s.execute(stmt.values(**values)).rowcount == 1
+
+    def salvage_run(self, run_id: str, lease: str, **fields: Any) -> bool:
+        """A live worker whose run was marked stale under it (`runs recover` while it was
+        only slow) keeps its result on the row: program, scores, usage. The state stays
+        `stale` (re-queue still works); a run re-queued or claimed again is left alone."""
+        if "state" in fields or "lease" in fields:
+            raise ValueError("salvage_run changes no state")
         with self._session() as s, s.begin():
             result = s.execute(
                 update(OptimizationRun)
                 .where(
                     OptimizationRun.id == run_id,
-                    OptimizationRun.state.not_in([st.value for st in TERMINAL_STATES]),
+                    OptimizationRun.lease == lease,
+                    OptimizationRun.state == RunState.stale.value,
                 )
-                .values(state=state.value, finished_at=func.now(), **fields)
+                .values(**fields)
             )
             return result.rowcount == 1
 
     def requeue_run(self, run_id: str) -> bool:
-        """stale -> queued, for `dspyflow runs recover --requeue`."""
-        with self._session() as s, s.begin():
-            result = s.execute(
-                update(OptimizationRun)
-                .where(OptimizationRun.id == run_id, OptimizationRun.state == RunState.stale.value)
-                .values(
-                    state=RunState.queued.value,
-                    attempt=OptimizationRun.attempt + 1,
-                    finished_at=None,
-                    error=None,
-                )
-            )
-            return result.rowcount == 1
+        """stale -> queued, for `dspyflow runs recover --requeue`: the old claim is void."""
+        return self._transition(
+            run_id,
+            RunState.queued,
+            claim=None,
+            attempt=OptimizationRun.attempt + 1,
+            finished_at=None,
+            error=None,
+            lease=None,
+            worker=None,
+            heartbeat_at=func.now(),  # nothing claims it within stale_after: stale again
+        )
 
     def mark_stale(self, older_than_s: float) -> list[str]:
-        """Running runs whose heartbeat is older than ``older_than_s`` become ``stale``."""
+        """`mark_stale_reasons`, the ids only."""
+        return list(self.mark_stale_reasons(older_than_s))
+
+    def mark_stale_reasons(self, older_than_s: float) -> dict[str, str]:
+        """Runs nobody is working on become ``stale``, each with its reason: running ones
+        whose heartbeat is older than ``older_than_s``, and queued ones that nothing
+        claimed for that long (their batch process refreshes them while it lives)."""
         with self._session() as s, s.begin():
             now = s.scalar(select(func.now()))
             assert now is not None
             cutoff = _naive_utc(now) - timedelta(seconds=older_than_s)
             candidates = s.execute(
-                select(OptimizationRun.id, OptimizationRun.heartbeat_at).where(
-                    OptimizationRun.state == RunState.running.value
+                select(
+                    OptimizationRun.id,
+                    OptimizationRun.state,
+                    OptimizationRun.heartbeat_at,
+                    OptimizationRun.created_at,
+                ).where(OptimizationRun.state.in_([RunState.running.value, RunState.queued.value]))
+            ).all()
+            reasons = {
+                RunState.running.value: (
+                    f"heartbeat older than {older_than_s:g} s: the worker stopped"
+                ),
+                RunState.queued.value: (
+                    f"queued for over {older_than_s:g} s and nothing claimed it: "
+                    "the batch process that owned it is gone"
+                ),
+            }
+            stale: dict[str, str] = {}
+            for state in (RunState.running.value, RunState.queued.value):
+                ids = [
+                    rid
+                    for rid, st, hb, created in candidates
+                    if st == state and _naive_utc(hb or created) < cutoff
+                ]
+                if not ids:
+                    continue
+                # Only rows still in that state: one claimed meanwhile is alive.
+                done = s.scalars(
+                    update(OptimizationRun)
+                    .where(OptimizationRun.id.in_(ids), OptimizationRun.state == state)
+                    .values(
+                        state=RunState.stale.value, finished_at=func.now(), error=reasons[state]
+                    )
+                    .returning(OptimizationRun.id)
+                ).all()
+                stale.update({rid: reasons[state] for rid in done})
+            return stale
+
+    def mark_worker_gone(self, run_id: str, *, worker: str, reason: str) -> bool:
+        """queued/running -> stale for a run whose claimant `worker` is known dead; a run
+        claimed meanwhile by another worker is left alone."""
+        return self._transition(
+            run_id, RunState.stale, claim=None, finished=True, expect_worker=worker, error=reason
+        )
+
+    def claims_on_host(self, host: str) -> list[tuple[str, str, str, datetime | None]]:
+        """(id, state, worker, claimed at) of queued/running runs held by `host:*` workers:
+        the cheap input of the dead-pid check (the state index narrows it)."""
+        with self._session() as s:
+            rows = s.execute(
+                select(
+                    OptimizationRun.id,
+                    OptimizationRun.state,
+                    OptimizationRun.worker,
+                    func.coalesce(OptimizationRun.started_at, OptimizationRun.created_at),
+                ).where(
+                    OptimizationRun.state.in_([RunState.running.value, RunState.queued.value]),
+                    OptimizationRun.worker.like(f"{host}:%"),
                 )
             ).all()
-            stale = [rid for rid, hb in candidates if hb is None or _naive_utc(hb) < cutoff]
-            if stale:
-                s.execute(
-                    update(OptimizationRun)
-                    .where(
-                        OptimizationRun.id.in_(stale),
-                        OptimizationRun.state == RunState.running.value,
-                    )
-                    .values(
-                        state=RunState.stale.value,
-                        finished_at=func.now(),
-                        error=f"heartbeat older than {older_than_s:g} s: the worker stopped",
-                    )
+            return [(rid, st, w, at) for rid, st, w, at in rows]
+
+    def touch_queued(self, batch_id: str) -> int:
+        """A live batch process vouches for its queued runs (one statement per interval),
+        so recovery tells them from the queued runs of a dead batch."""
+        with self._session() as s, s.begin():
+            result = s.execute(
+                update(OptimizationRun)
+                .where(
+                    OptimizationRun.batch_id == batch_id,
+                    OptimizationRun.state == RunState.queued.value,
                 )
-            return stale
+                .values(heartbeat_at=func.now())
+            )
+            return result.rowcount
 
     def run_exists(self, run_id: str) -> bool:
         with connect_checked(self.engine), self._session() as s:
@@ -385,6 +491,15 @@ class Repository:
             stmt = stmt.limit(limit)
         with connect_checked(self.engine), self._session() as s:
             return s.scalars(stmt).all()
+
+
+def _claimed(run_id: str, lease: str) -> Any:
+    """UPDATE of the run this lease holds, while it is running: a worker's only writes."""
+    return update(OptimizationRun).where(
+        OptimizationRun.id == run_id,
+        OptimizationRun.lease == lease,
+        OptimizationRun.state == RunState.running.value,
+    )
 
 
 def _benchmark_filter(

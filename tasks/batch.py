@@ -30,7 +30,8 @@ from storage.db import get_engine
 from storage.models import RunState
 from storage.repository import Repository, new_id
 from tasks.batch_jobs import RejectedLine
-from tasks.cycle import execute_cycle
+from tasks.cycle import execute_cycle, worker_name
+from tasks.cycle_timer import HEARTBEAT_INTERVAL_S
 from tasks.job_queue import (
     DEFAULT_CAPACITY,
     DEFAULT_MAX_CONCURRENT,
@@ -278,6 +279,9 @@ def _task_runner(options: BatchOptions) -> Any:
 
 def _row(spec: CycleSpec, run_id: str, batch_id: str) -> dict[str, Any]:
     return {
+        # The batch process owns its queued rows until a cycle claims one: recovery
+        # marks them stale at once when this process is gone (tasks.recovery).
+        "worker": worker_name(),
         "run_id": run_id,
         "task": spec.program or spec.task,
         "optimizer": spec.optimizer,
@@ -317,6 +321,65 @@ def run_batch(
         max_concurrent=options.in_flight_cap,
         backpressure=options.backpressure,
     )
+    keeper = _QueuedKeeper(repo, batch_id)
+    keeper.start()
+    try:
+        return _dispatch(
+            repo,
+            specs,
+            run_ids,
+            batch_id,
+            options,
+            database_url,
+            queue,
+            limiter,
+            local_bucket,
+            flow_run_id,
+            rejected_lines,
+        )
+    finally:
+        keeper.stop()
+
+
+class _QueuedKeeper:
+    """Refreshes the heartbeat of the batch's queued rows while the dispatcher lives, so
+    recovery tells a long queue from the leftovers of a dead batch process."""
+
+    def __init__(self, repo: Repository, batch_id: str) -> None:
+        self.repo, self.batch_id = repo, batch_id
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._loop, name=f"batch-queue-{batch_id[:8]}", daemon=True
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(HEARTBEAT_INTERVAL_S):
+            try:
+                self.repo.touch_queued(self.batch_id)
+            except Exception as exc:  # noqa: BLE001 - a DB hiccup must not end the batch
+                logger.warning("batch %s: queued-run heartbeat failed: %s", self.batch_id, exc)
+
+
+def _dispatch(
+    repo: Repository,
+    specs: Sequence[CycleSpec],
+    run_ids: list[str],
+    batch_id: str,
+    options: BatchOptions,
+    database_url: str,
+    queue: JobQueue[CycleSpec],
+    limiter: RateLimiter | None,
+    local_bucket: TokenBucketLimiter | None,
+    flow_run_id: str | None,
+    rejected_lines: Sequence[RejectedLine],
+) -> BatchSummary:
     started = time.monotonic()
     for spec, run_id in zip(specs, run_ids, strict=True):
         result = queue.submit(run_id, spec, spec.priority)
@@ -374,11 +437,22 @@ def _note_crash(future: Any, run_id: str, crashed: dict[str, str]) -> None:
 
 
 def _fail_unfinished(repo: Repository, batch_id: str, crashed: dict[str, str]) -> None:
-    """A job whose task run died before it recorded a terminal state is not lost: fail it."""
+    """A job whose task run died before it recorded a terminal state is not lost: fail it.
+    Queued rows were never claimed (an operator may fail them); a running row is failed
+    with the lease it holds, and only if this process claimed it: a row another process
+    claimed is that process's to finish."""
+    me = worker_name()
     for state in (RunState.queued, RunState.running):
         for run in repo.list_runs(batch_id=batch_id, state=state.value, limit=None):
+            if state is RunState.running and run.worker != me:
+                continue
             reason = crashed.get(run.id, "the task run ended without a terminal state")
-            repo.finish_run(run.id, RunState.failed, error=f"lost by the runner: {reason}"[:2000])
+            repo.finish_run(
+                run.id,
+                RunState.failed,
+                lease=run.lease if state is RunState.running else None,
+                error=f"lost by the runner: {reason}"[:2000],
+            )
 
 
 def _summarize(

@@ -40,6 +40,9 @@ class StopReason(StrEnum):
     lm_calls = "lm_calls"
     tokens = "tokens"
     cost = "cost"
+    # The run's claim is gone (recovery marked it stale, another worker holds it): the
+    # result can no longer be recorded as this run's outcome, so stop spending on it.
+    lease_lost = "lease_lost"
 
 
 class CycleStopped(BaseException):  # noqa: N818 - a control-flow signal, like KeyboardInterrupt
@@ -164,6 +167,11 @@ class CycleGuard(BaseCallback):
         to its budget. At most half the budget."""
         limit = 0.5 * self.time_budget_s if self.time_budget_s else 0.0
         self.reserve_s = max(0.0, min(seconds, limit))
+
+    def arm(self) -> None:
+        """Enforce the limits (again): the start of every optimizer attempt, so a Prefect
+        retry of `optimize` runs under the same budgets as the first attempt."""
+        self.armed = True
 
     def disarm(self) -> None:
         """No new stops after the optimizer: the final test evaluation must complete. A stop

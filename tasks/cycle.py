@@ -6,6 +6,7 @@ prepare -> baseline -> optimize -> evaluate -> record. `prepare` validates every
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -19,10 +20,11 @@ from prefect import task
 from prefect.cache_policies import NONE
 from prefect.tasks import exponential_backoff
 from pydantic import BaseModel
+from sqlalchemy.exc import IntegrityError
 
 from storage.db import StorageSettings
 from storage.models import RunState
-from storage.repository import Repository, new_id
+from storage.repository import Repository, RunClaimError, new_id
 from tasks.budget import (
     CycleControl,
     CycleGuard,
@@ -56,6 +58,7 @@ class CycleContext:
     repo: Repository
     guard: CycleGuard
     monitor: CycleMonitor
+    lease: str  # the claim on the run's row: every write of this cycle presents it
     reflection_lm: CycleLM | None = None
     started_monotonic: float = field(default_factory=time.monotonic)
 
@@ -118,34 +121,44 @@ def prepare_cycle(
     )
     run_id = run_id or new_id()
     if not repo.run_exists(run_id):
-        run_id = repo.create_run(
-            run_id=run_id,
-            task=task_def.name,
-            optimizer=spec.optimizer,
-            budget=spec.budget,
-            lm=spec.lm.model,
-            spec=spec.model_dump(mode="json"),
-            priority=spec.priority,
-            simulated=spec.lm.provider == "sim",
+        # Another worker may create it first: the claim below decides who runs it.
+        with contextlib.suppress(IntegrityError):
+            repo.create_run(
+                run_id=run_id,
+                task=task_def.name,
+                optimizer=spec.optimizer,
+                budget=spec.budget,
+                lm=spec.lm.model,
+                spec=spec.model_dump(mode="json"),
+                priority=spec.priority,
+                simulated=spec.lm.provider == "sim",
+            )
+    lease = repo.start_run(run_id, flow_run_id=flow_run_id, worker=worker_name())
+    if lease is None:
+        # Someone else holds it (or it ended): this worker must write nothing to it.
+        raise RunClaimError(f"run {run_id} is not queued: it was started elsewhere or ended")
+    try:
+        usage = cycle_lm.usage.snapshot
+        guard = CycleGuard.for_spec(
+            spec, usage, control=control or control_for(run_id), started_at=started
         )
-    if not repo.start_run(run_id, flow_run_id=flow_run_id, worker=_worker_name()):
-        raise RuntimeError(f"run {run_id} is not queued: it was started elsewhere or ended")
-    usage = cycle_lm.usage.snapshot
-    guard = CycleGuard.for_spec(
-        spec, usage, control=control or control_for(run_id), started_at=started
-    )
-    timer = CycleTimer(spec.time_budget_s, spec.budget_warning_at)
-    timer.start(started)
-    monitor = CycleMonitor(
-        run_id,
-        repo,
-        timer,
-        guard,
-        usage=usage,
-        label=f"{task_def.name}/{spec.optimizer}",
-        prefect=PrefectHooks(run_id, flow_run_id),
-    )
-    monitor.start()
+        timer = CycleTimer(spec.time_budget_s, spec.budget_warning_at)
+        timer.start(started)
+        monitor = CycleMonitor(
+            run_id,
+            repo,
+            timer,
+            guard,
+            usage=usage,
+            lease=lease,
+            label=f"{task_def.name}/{spec.optimizer}",
+            prefect=PrefectHooks(run_id, flow_run_id),
+        )
+        monitor.start()
+    except BaseException as exc:
+        # Claimed but no context to hand back: the caller could not finish it; we can.
+        repo.finish_run(run_id, RunState.failed, lease=lease, error=_error_text(exc, None))
+        raise
     return CycleContext(
         run_id=run_id,
         spec=spec,
@@ -155,12 +168,14 @@ def prepare_cycle(
         repo=repo,
         guard=guard,
         monitor=monitor,
+        lease=lease,
         reflection_lm=reflection_lm,
         started_monotonic=started,
     )
 
 
-def _worker_name() -> str:
+def worker_name() -> str:
+    """`host:pid`: recovery reads it to tell a dead local worker (tasks.recovery)."""
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
@@ -211,7 +226,8 @@ def run_baseline(ctx: CycleContext) -> float:
     # The final test evaluation costs about what this one did (a bit more with demos):
     # the optimizer stops that much before the time budget so the cycle keeps to it.
     ctx.guard.set_reserve(1.25 * (time.monotonic() - started))
-    ctx.repo.update_run(ctx.run_id, baseline_score=score, **ctx.usage_fields())
+    if not ctx.repo.update_run(ctx.run_id, ctx.lease, baseline_score=score, **ctx.usage_fields()):
+        ctx.guard.trip(StopReason.lease_lost, f"lease lost on run {ctx.run_id} before optimizing")
     return score
 
 
@@ -270,6 +286,9 @@ def run_optimizer(ctx: CycleContext) -> OptimizeResult:
         options=optimizer_options(ctx.spec),
     )
     ctx.monitor.begin_iterations(optimizer.total_iterations(request))
+    # Armed on every attempt: a Prefect retry of `optimize` keeps the budgets (the last
+    # attempt disarmed the guard on its way out).
+    ctx.guard.arm()
     try:
         with ctx.lm.context(callbacks=[*dspy.settings.callbacks, ctx.guard]):
             try:
@@ -283,7 +302,7 @@ def run_optimizer(ctx: CycleContext) -> OptimizeResult:
                     stop_reason=stop.reason,
                 )
     finally:
-        ctx.guard.disarm()  # the final test evaluation runs to completion
+        ctx.guard.disarm()  # until the next attempt: the final test evaluation completes
         ctx.monitor.flush()
     if result.stopped_early and result.stop_reason is None:
         result.stop_reason = ctx.guard.reason
@@ -297,6 +316,7 @@ _STOP_STATES = {
     StopReason.lm_calls: RunState.budget_exhausted,
     StopReason.tokens: RunState.budget_exhausted,
     StopReason.cost: RunState.budget_exhausted,
+    StopReason.lease_lost: RunState.stale,  # recovery's verdict stands; the program is kept
 }
 
 
@@ -306,39 +326,124 @@ def final_state(result: OptimizeResult) -> RunState:
     return _STOP_STATES[result.stop_reason]
 
 
+def lease_lost(ctx: CycleContext) -> bool:
+    return ctx.monitor.lease_lost or ctx.guard.reason is StopReason.lease_lost
+
+
+def evaluate_final(ctx: CycleContext, result: OptimizeResult) -> float | None:
+    """The optimized program's test score; None without spending a call when the run's
+    lease is gone (nobody can record this run's outcome any more)."""
+    if lease_lost(ctx):
+        return None
+    return evaluate_program(ctx, result.program, ctx.splits.test)
+
+
+def _result_fields(result: OptimizeResult) -> dict[str, Any]:
+    return {
+        "program_state": result.program.dump_state(),
+        "val_score": result.val_score,
+        "iterations": result.iterations,
+    }
+
+
+def _write_outcome(
+    ctx: CycleContext, state: RunState, fields: dict[str, Any], *, kept: str
+) -> bool:
+    """finish_run as the claimant; if the run was marked stale under this live worker,
+    keep the result on the stale row; anything else is logged loudly, never silent."""
+    repo, run_id = ctx.repo, ctx.run_id
+    if state is not RunState.stale and repo.finish_run(run_id, state, lease=ctx.lease, **fields):
+        return True
+    current = repo.get_run(run_id)
+    if current.state == RunState.stale.value and current.lease == ctx.lease:
+        if ctx.guard.reason is StopReason.lease_lost or not fields.get("error"):
+            detail = "it stopped when its heartbeat found the lease gone"
+        else:
+            detail = f"it ended: {fields['error']}"
+        note = f"{current.error or 'marked stale'}; but the worker was alive: {detail}; {kept} kept"
+        if repo.salvage_run(run_id, ctx.lease, **{**fields, "error": note[:2000]}):
+            logger.warning("run %s was marked stale under a live worker: %s", run_id, note)
+            return True
+        current = repo.get_run(run_id)
+    logger.error(
+        "run %s: NOT recorded as %s: the run is %s and held by %s (another worker claimed "
+        "it, or it was re-queued); this worker's result (%s) is dropped",
+        run_id,
+        state.value,
+        current.state,
+        current.worker or "nobody",
+        kept,
+    )
+    return False
+
+
 def record_success(
-    ctx: CycleContext, baseline: float, result: OptimizeResult, test_score: float
+    ctx: CycleContext, baseline: float, result: OptimizeResult, test_score: float | None
 ) -> None:
     """Record the optimized (or, if stopped, the best-so-far) program and its scores."""
-    state = final_state(result)
+    state = RunState.stale if lease_lost(ctx) else final_state(result)
     ctx.monitor.close()
-    ctx.repo.finish_run(
-        ctx.run_id,
-        state,
-        baseline_score=baseline,
-        best_score=test_score,
-        iterations=result.iterations,
-        program_state=result.program.dump_state(),
-        error=ctx.guard.message if state is not RunState.succeeded else None,
+    fields = {
+        "baseline_score": baseline,
+        "best_score": test_score,
+        "error": ctx.guard.message if state is not RunState.succeeded else None,
+        **_result_fields(result),
         **ctx.usage_fields(),
-    )
-    release_control(ctx.run_id)
+    }
+    try:
+        _write_outcome(ctx, state, fields, kept="its best program")
+    finally:
+        release_control(ctx.run_id)
 
 
-def record_failure(repo: Repository, run_id: str, exc: BaseException, ctx: CycleContext | None):
-    fields: dict[str, Any] = {}
-    if ctx is not None:
-        ctx.guard.disarm()
-        ctx.monitor.close()
-        fields = ctx.usage_fields()
+def _error_text(exc: BaseException, ctx: CycleContext | None) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     error = f"{type(exc).__name__}: {text}"
     engine = ctx.lm.engine if ctx is not None else None
     if engine is not None and engine.last_error and engine.last_error not in error:
         error += f" (last LM error: {engine.last_error})"
-    state = RunState.cancelled if isinstance(exc, KeyboardInterrupt) else RunState.failed
-    repo.finish_run(run_id, state, error=error[:2000], **fields)
-    release_control(run_id)
+    return error[:2000]
+
+
+def _interrupted(exc: BaseException) -> bool:
+    """Ctrl-C, or a second SIGTERM (Prefect's TerminationSignal): the user stopped it."""
+    return isinstance(exc, KeyboardInterrupt) or type(exc).__name__ == "TerminationSignal"
+
+
+def record_failure(
+    repo: Repository,
+    run_id: str,
+    exc: BaseException,
+    ctx: CycleContext | None,
+    result: OptimizeResult | None = None,
+) -> None:
+    """Record why a cycle failed, with the optimized program when there is one (`result`:
+    the final test evaluation failed after the optimizer finished)."""
+    if isinstance(exc, RunClaimError):
+        # Another worker holds the run: its outcome is theirs to record, not ours.
+        logger.warning("%s; leaving it to the worker that holds it", exc)
+        return
+    state = RunState.cancelled if _interrupted(exc) else RunState.failed
+    error = _error_text(exc, ctx)
+    if ctx is None:
+        # Never claimed: only a queued row may be failed (an operator transition).
+        if not repo.finish_run(run_id, state, error=error) and repo.run_exists(run_id):
+            logger.warning("run %s failed before its claim (%s); left as is", run_id, error)
+        release_control(run_id)
+        return
+    ctx.guard.disarm()
+    ctx.monitor.close()
+    fields: dict[str, Any] = {"error": error, **ctx.usage_fields()}
+    kept = "no program"
+    if result is not None:
+        fields.update(_result_fields(result))
+        kept = "its optimized program"
+    if lease_lost(ctx):
+        state = RunState.stale
+    try:
+        _write_outcome(ctx, state, fields, kept=kept)
+    finally:
+        release_control(run_id)
 
 
 class CycleSummary(BaseModel):
@@ -401,19 +506,20 @@ def execute_cycle(
     in a terminal state; errors are recorded on the run, not raised. `control` (or
     `tasks.budget.cancel_run(run_id)`) cancels it from another thread."""
     ctx: CycleContext | None = None
+    result: OptimizeResult | None = None
     try:
         ctx = prepare_cycle(
             spec, repo, run_id=run_id, flow_run_id=flow_run_id, limiter=limiter, control=control
         )
         baseline_score = run_baseline(ctx)
         result = run_optimizer(ctx)
-        test_score = evaluate_program(ctx, result.program, ctx.splits.test)
+        test_score = evaluate_final(ctx, result)
         record_success(ctx, baseline_score, result, test_score)
     except (Exception, KeyboardInterrupt) as exc:  # every failure becomes a terminal state
         failed_run = ctx.run_id if ctx is not None else run_id
         if failed_run is None:
             raise
-        record_failure(repo, failed_run, exc, ctx)
+        record_failure(repo, failed_run, exc, ctx, result)
         if isinstance(exc, KeyboardInterrupt):
             raise
         return summarize(repo, failed_run)
@@ -462,10 +568,12 @@ def optimize(ctx: CycleContext) -> OptimizeResult:
 
 
 @task(name="evaluate", **_TASK_OPTIONS)
-def evaluate(ctx: CycleContext, program: dspy.Module) -> float:
-    return evaluate_program(ctx, program, ctx.splits.test)
+def evaluate(ctx: CycleContext, result: OptimizeResult) -> float | None:
+    return evaluate_final(ctx, result)
 
 
 @task(name="record", **_TASK_OPTIONS)
-def record(ctx: CycleContext, baseline_score: float, result: OptimizeResult, test_score: float):
+def record(
+    ctx: CycleContext, baseline_score: float, result: OptimizeResult, test_score: float | None
+) -> None:
     record_success(ctx, baseline_score, result, test_score)

@@ -14,7 +14,9 @@ it (cheap, any thread), and one background thread does all the I/O:
   (`dspyflow.cycle.budget-warning` / `dspyflow.cycle.budget-exceeded` /
   `dspyflow.cycle.cancelled`, resource `dspyflow.run.<id>`);
 - a Prefect progress artifact, when the cycle runs inside a flow run;
-- Prefect cancellation: a flow run set to Cancelling cancels the cycle.
+- Prefect cancellation: a flow run set to Cancelling cancels the cycle;
+- the run's claim: a heartbeat that finds its lease gone (the run was marked stale under
+  a live worker, or claimed elsewhere) stops the cycle (`StopReason.lease_lost`).
 The thread runs in a copy of the caller's context, so Prefect's run and settings contexts
 (the ephemeral server's URL included) are the flow's.
 """
@@ -203,6 +205,7 @@ _EXCEEDED_KIND = {
     StopReason.tokens: "token_budget_exceeded",
     StopReason.cost: "cost_budget_exceeded",
     StopReason.cancelled: "cancelled",
+    StopReason.lease_lost: "lease_lost",
 }
 _WARNING_KIND = {
     "time": "budget_warning",
@@ -327,6 +330,7 @@ class CycleMonitor:
         guard: CycleGuard,
         *,
         usage: Callable[[], dict[str, Any]],
+        lease: str,
         label: str = "",
         prefect: PrefectHooks | None = None,
         sample_interval_s: float | None = None,
@@ -335,6 +339,8 @@ class CycleMonitor:
     ) -> None:
         self.run_id = run_id
         self.repo = repo
+        self.lease = lease
+        self.lease_lost = False
         self.timer = timer
         self.guard = guard
         self.label = label
@@ -410,14 +416,32 @@ class CycleMonitor:
             if due:
                 self._dirty = False
                 self._last_sample = now
-        if due:
+        if due and not self.lease_lost:
             self._write_sample()
+        if self.lease_lost:
+            return  # the run is not ours any more: write nothing to it
         if not final and now - self._last_heartbeat >= self.heartbeat_interval_s:
             self._last_heartbeat = now
-            self.repo.heartbeat(self.run_id, **self._usage())
+            self._heartbeat(**self._usage())
             if self.prefect.cancel_requested():
                 self.guard.control.cancel("flow run cancelled in Prefect")
                 self.guard.poll()
+
+    def _heartbeat(self, **fields: Any) -> None:
+        if self.repo.heartbeat(self.run_id, self.lease, **fields) or self.lease_lost:
+            return
+        # Marked stale (or re-claimed) under a live worker: every further LM call would be
+        # spent on a result nobody can record. The guard stops the optimizer at its next
+        # LM call; the cycle keeps its best program on the stale row (salvage_run).
+        self.lease_lost = True
+        run = self.repo.get_run(self.run_id)
+        message = (
+            f"lease lost: run {self.run_id[:12]} is {run.state} "
+            f"({run.error or 'claimed by another worker'}) while this worker was alive"
+        )
+        if self.guard.trip(StopReason.lease_lost, message):
+            logger.error("%s; stopping", message)
+            self._check_alerts()
 
     def _write_sample(self) -> None:
         stats = self.timer.stats()
@@ -437,7 +461,7 @@ class CycleMonitor:
         progress: dict[str, Any] = {"iterations": stats.iterations}
         if stats.total_iterations is not None:
             progress["total_iterations"] = stats.total_iterations
-        self.repo.heartbeat(self.run_id, **progress, **usage)
+        self._heartbeat(**progress, **usage)
         percent = 100.0 * (stats.progress or 0.0)
         self.prefect.update_artifact(percent, self._describe(stats))
 

@@ -99,7 +99,7 @@ def test_a_crashed_run_goes_stale_is_requeued_and_runs_again(
     # ...and stop when it dies (its monitor thread with it, nothing recorded).
     ctx.monitor._stop.set()
     ctx.monitor._thread.join()
-    time.sleep(1.2)
+    time.sleep(2.1)  # SQLite's clock has whole seconds: > 1 s old for sure
     report = recover_stale_runs(repo, stale_after_s=1.0, requeue=True)
     assert report.marked_stale == [ctx.run_id] and report.requeued == [ctx.run_id]
     requeued = repo.get_run(ctx.run_id)

@@ -44,10 +44,12 @@ def _run(repo: Repository, *, optimizer: str, seed: int, best: float, program: d
     run_id = repo.create_run(
         task="intent", optimizer=optimizer, budget="light", lm="sim", spec=spec, simulated=True
     )
-    assert repo.start_run(run_id)
+    lease = repo.start_run(run_id)
+    assert lease
     repo.finish_run(
         run_id,
         RunState.succeeded,
+        lease=lease,
         baseline_score=0.3,
         best_score=best,
         lm_calls=100 + seed,

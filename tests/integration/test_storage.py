@@ -76,10 +76,12 @@ def test_unreachable_database_gives_one_clear_line() -> None:
 def test_run_state_changes_are_compare_and_set(repo: Repository) -> None:
     run_id = _new_run(repo, priority=3)
     assert repo.get_run(run_id).state == RunState.queued
-    assert repo.start_run(run_id, flow_run_id="fr-1", worker="w")
+    lease = repo.start_run(run_id, flow_run_id="fr-1", worker="w")
+    assert lease
     assert not repo.start_run(run_id), "a running run cannot be started twice"
-    assert repo.finish_run(run_id, RunState.succeeded, best_score=0.75, lm_calls=12)
-    assert not repo.finish_run(run_id, RunState.failed, error="late"), "terminal is final"
+    assert not repo.finish_run(run_id, RunState.failed), "only the claimant finishes it"
+    assert repo.finish_run(run_id, RunState.succeeded, lease=lease, best_score=0.75, lm_calls=12)
+    assert not repo.finish_run(run_id, RunState.failed, lease=lease, error="late"), "final"
     run = repo.get_run(run_id)
     assert (run.state, run.best_score, run.lm_calls, run.error) == ("succeeded", 0.75, 12, None)
     assert run.started_at is not None and run.finished_at is not None
@@ -98,8 +100,7 @@ def test_get_run_by_prefix_and_missing(repo: Repository) -> None:
 def test_list_runs_filters(repo: Repository) -> None:
     a = _new_run(repo, task="intent", lm="sim")
     b = _new_run(repo, task="extraction", lm="local")
-    repo.start_run(b)
-    repo.finish_run(b, RunState.failed, error="boom")
+    repo.finish_run(b, RunState.failed, lease=repo.start_run(b), error="boom")
     assert {r.id for r in repo.list_runs()} == {a, b}
     assert [r.id for r in repo.list_runs(task="extraction")] == [b]
     assert [r.id for r in repo.list_runs(state="queued")] == [a]

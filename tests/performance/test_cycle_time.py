@@ -218,12 +218,13 @@ def test_approaching_limit_detection(repo: Repository, monkeypatch: pytest.Monke
         lambda self, event, payload: events.append((event, payload)),
     )
     run_id = repo.create_run(task="intent", optimizer="mipro", budget="light", lm="sim", spec={})
-    assert repo.start_run(run_id)
+    lease = repo.start_run(run_id)
+    assert lease
     clock = {"now": 0.0}
     guard = CycleGuard(time_budget_s=10, clock=lambda: clock["now"], started_at=0.0)
     timer = cycle_timer.CycleTimer(10, 0.8, clock=lambda: clock["now"])
     timer.start(0.0)
-    monitor = cycle_timer.CycleMonitor(run_id, repo, timer, guard, usage=dict)
+    monitor = cycle_timer.CycleMonitor(run_id, repo, timer, guard, usage=dict, lease=lease)
     clock["now"] = 7.9
     monitor.flush()
     assert repo.get_run(run_id, with_details=True).alerts == []

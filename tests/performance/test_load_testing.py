@@ -721,7 +721,8 @@ def test_dspy_program_target_loads_the_optimized_program(repo) -> None:  # type:
     program = get_task("intent").build_program()
     program.classify.signature = program.classify.signature.with_instructions("Be terse.")
     run_id = repo.create_run(task="intent", optimizer="mipro", budget="light", lm="dummy", spec={})
-    repo.finish_run(run_id, RunState.succeeded, program_state=program.dump_state())
+    lease = repo.start_run(run_id)
+    repo.finish_run(run_id, RunState.succeeded, lease=lease, program_state=program.dump_state())
 
     lm = DummyLM([{"intent": "check_balance"}] * 50)
     target = dspy_program_target(
