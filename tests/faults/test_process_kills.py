@@ -1,0 +1,178 @@
+"""Kill a real `dspyflow` process and check that nothing is lost.
+
+- SIGTERM (what a Prefect worker, Kubernetes or systemd sends) of `dspyflow optimize`
+  ends the run `cancelled` with its best program, as Ctrl-C does. Before: `failed` with
+  "TerminationSignal" and no program.
+- `kill -9` of `dspyflow optimize`: the next command (`runs recover`, however long its
+  --stale-after) finds the dead worker process and marks the run `stale` with the reason.
+  Before: `running` forever (until a heartbeat timeout someone had to ask for).
+- `kill -9` of `dspyflow batch` mid-batch: its running and queued rows become `stale`
+  with reasons. Before: queued rows stayed queued forever, invisible to recovery.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from storage.db import get_engine
+from storage.repository import Repository
+from tests.faults._helpers import wait_for
+
+pytestmark = pytest.mark.slow
+
+BIN = Path(sys.executable).parent
+
+
+class Cli:
+    """`dspyflow` subprocesses on one SQLite database and a private home and Prefect."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.url = f"sqlite:///{tmp / 'results.db'}"
+        self.env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")},
+            "DSPYFLOW_HOME": str(tmp / "home"),
+            "DSPYFLOW_DATABASE_URL": self.url,
+            "PREFECT_HOME": str(tmp / "prefect"),
+            "DSPYFLOW_HEARTBEAT_S": "1",
+        }
+        self.procs: list[subprocess.Popen[str]] = []
+        self._repo: Repository | None = None
+
+    @property
+    def repo(self) -> Repository:
+        if self._repo is None:
+            self._repo = Repository(get_engine(self.url))
+        return self._repo
+
+    def start(self, *args: str) -> subprocess.Popen[str]:
+        proc = subprocess.Popen(
+            [str(BIN / "dspyflow"), *args],
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,  # its own group: the cleanup reaches its Prefect server
+        )
+        self.procs.append(proc)
+        return proc
+
+    def run(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(BIN / "dspyflow"), *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    def close(self) -> None:
+        for proc in self.procs:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)  # the group this test started
+            proc.wait(timeout=30)
+
+
+@pytest.fixture
+def cli(tmp_path: Path) -> Iterator[Cli]:
+    c = Cli(tmp_path)
+    yield c
+    c.close()
+
+
+OPTIMIZE = (
+    "optimize", "--task", "intent", "--lm", "sim", "--optimizer", "mipro", "--budget",
+    "heavy", "--max-train", "40", "--max-val", "40", "--max-test", "20", "--format", "json",
+)  # fmt: skip
+
+
+def _running_run(cli: Cli, proc: subprocess.Popen[str], min_iteration: int = 1):  # type: ignore[no-untyped-def]
+    """The optimize process's run, once its optimizer has done `min_iteration` iterations."""
+
+    def ready() -> bool:
+        assert proc.poll() is None, f"dspyflow exited early:\n{proc.communicate()}"
+        try:
+            runs = cli.repo.list_runs()
+        except Exception:  # noqa: BLE001 - the CLI creates the schema first
+            return False
+        if not runs or runs[0].state != "running":
+            return False
+        sample = cli.repo.latest_progress_sample(runs[0].id)
+        return sample is not None and sample.iteration >= min_iteration
+
+    wait_for(ready, timeout=240, what="the optimizer's first iterations")
+    return cli.repo.list_runs()[0]
+
+
+def test_sigterm_of_optimize_ends_cancelled_with_its_best_program(cli: Cli) -> None:
+    proc = cli.start(*OPTIMIZE)
+    run = _running_run(cli, proc)
+    assert run.worker == f"{socket.gethostname()}:{proc.pid}"
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=180)
+    run = cli.repo.get_run(run.id)
+    assert run.state == "cancelled", (run.state, run.error, err[-3000:])
+    assert run.error == "terminated (SIGTERM)"
+    assert run.program_state, "the best program so far is kept"
+    assert run.best_score is not None, "and scored on the test split"
+    assert proc.returncode == 1  # the CLI reports a run that did not succeed
+    assert json.loads(out)["state"] == "cancelled"
+
+
+def test_kill_9_of_optimize_is_reported_stale_by_the_next_command(cli: Cli) -> None:
+    proc = cli.start(*OPTIMIZE)
+    run = _running_run(cli, proc)
+    proc.kill()
+    proc.wait(timeout=30)
+    assert cli.repo.get_run(run.id).state == "running"  # nobody recorded anything
+    # The next command: even with an hour's --stale-after the dead pid is proof enough.
+    result = cli.run("runs", "recover", "--stale-after", "3600", "--format", "json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(result.stdout)
+    assert report["marked_stale"] == [run.id]
+    reason = f"worker process {proc.pid} on {socket.gethostname()} is gone"
+    assert report["reasons"][run.id] == reason
+    dead = cli.repo.get_run(run.id)
+    assert (dead.state, dead.error) == ("stale", reason)
+
+
+def test_kill_9_mid_batch_leaves_no_run_queued_or_running(cli: Cli) -> None:
+    proc = cli.start(
+        "batch", "--generate", "40", "--lm", "sim", "--sim-latency-ms", "40",
+        "--lm-calls", "20", "--workers", "2", "--format", "json",
+    )  # fmt: skip
+
+    def some_done() -> bool:
+        assert proc.poll() is None, f"dspyflow batch exited early:\n{proc.communicate()}"
+        try:
+            counts = cli.repo.count_runs_by_state()
+        except Exception:  # noqa: BLE001 - the schema is being created
+            return False
+        return counts.get("succeeded", 0) >= 2 and counts.get("running", 0) >= 1
+
+    wait_for(some_done, timeout=240, what="a batch under way")
+    proc.kill()
+    proc.wait(timeout=30)
+    before = cli.repo.count_runs_by_state()
+    assert before.get("queued", 0) > 0 and before.get("running", 0) > 0
+    result = cli.run("runs", "recover", "--stale-after", "3600", "--format", "json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(result.stdout)
+    after = cli.repo.count_runs_by_state()
+    assert "queued" not in after and "running" not in after, after
+    assert after["stale"] == before["queued"] + before["running"] == len(report["marked_stale"])
+    reasons = set(report["reasons"].values())
+    host = socket.gethostname()
+    assert reasons == {
+        f"worker process {proc.pid} on {host} is gone",
+        f"batch process {proc.pid} on {host} is gone; the run never started",
+    }
