@@ -8,7 +8,14 @@ from __future__ import annotations
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 
 from tasks.load.bottlenecks import BottleneckSettings
 from tasks.load.patterns import (
@@ -101,6 +108,17 @@ class LoadTestConfig(BaseModel):
             parse_threshold(expr)  # raises ThresholdError (a ValueError) with the reason
         return value
 
+    # JSON is what leaves the process: our database, the reports, and Prefect's record of
+    # the flow's parameters (Prefect serializes them with model_dump(mode="json")). The
+    # object itself keeps the real values for the generator.
+    @field_serializer("url", when_used="json")
+    def _url_without_credentials(self, value: str | None) -> str | None:
+        return redact_url(value) if value else value
+
+    @field_serializer("headers", when_used="json")
+    def _headers_without_secrets(self, value: dict[str, str]) -> dict[str, str]:
+        return redact_headers(value)
+
     @model_validator(mode="after")
     def _check_shape(self) -> LoadTestConfig:
         given = [f for f in ("url", "callable", "program_run_id") if getattr(self, f) is not None]
@@ -133,12 +151,9 @@ class LoadTestConfig(BaseModel):
         return secrets_of(self.url, self.headers)
 
     def redacted_dump(self) -> dict[str, Any]:
-        """The config as JSON for the database and reports: credentials masked."""
-        data = self.model_dump(mode="json")
-        if self.url:
-            data["url"] = redact_url(self.url)
-        data["headers"] = redact_headers(self.headers)
-        return data
+        """The config as JSON for the database and reports: credentials masked (as in any
+        JSON dump of it, see the serializers above)."""
+        return self.model_dump(mode="json")
 
     @property
     def target_label(self) -> str:

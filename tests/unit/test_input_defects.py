@@ -186,7 +186,11 @@ def test_load_test_config_is_stored_without_credentials() -> None:
         rps=1,
         duration_s=1,
     )
-    dumped = json.dumps(config.redacted_dump())
+    from flows.load_test import load_test
+
+    # what we store, and what Prefect records as the flow run's parameters
+    dumped = json.dumps(config.redacted_dump()) + config.model_dump_json()
+    dumped += json.dumps(load_test.serialize_parameters({"config": config}))
     for secret in ("hunter22", "abc123", "Ym9iOmh1bnRlcjIy"):
         assert secret not in dumped and secret not in config.target_label
     assert "text/plain" in dumped and "bob" in config.target_label
