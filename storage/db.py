@@ -220,6 +220,20 @@ def _first_line(exc: BaseException) -> str:
     return text_.splitlines()[0] if text_ else type(exc).__name__
 
 
+# Words of driver messages that mean the server could not be reached or went away.
+_UNREACHABLE = (
+    "connection",
+    "connect",
+    "refused",
+    "timeout",
+    "timed out",
+    "could not translate host",
+    "name or service not known",
+    "server closed",
+    "no route to host",
+)
+
+
 def describe_error(exc: BaseException, url: str | URL | None = None) -> StorageError | None:
     """A database error as a StorageError whose one-line message names the problem and
     the fix; None for errors that are not about the database itself (a constraint, a bug)."""
@@ -261,8 +275,21 @@ def describe_error(exc: BaseException, url: str | URL | None = None) -> StorageE
             return SchemaOutdatedError(
                 f"the database{where} has no dspyflow schema ({reason}): run `dspyflow db upgrade`"
             )
+        if "database" in low and "does not exist" in low:
+            return DatabaseUnavailableError(
+                f"the database{where} does not exist ({reason}): create it (`createdb`) or fix "
+                "DSPYFLOW_DATABASE_URL"
+            )
+        if "authentication failed" in low:
+            return DatabaseUnavailableError(
+                f"the database server{where} refused the login ({reason}): check the user and "
+                "password in DSPYFLOW_DATABASE_URL"
+            )
         if isinstance(exc, sa_exc.OperationalError):
-            return DatabaseUnavailableError(f"cannot reach the database{where}: {reason}")
+            if exc.connection_invalidated or any(w in low for w in _UNREACHABLE):
+                return DatabaseUnavailableError(f"cannot reach the database{where}: {reason}")
+            # A deadlock, a cancelled statement...: the database answered, with an error.
+            return StorageError(f"the database{where} failed: {reason}")
         return None
     if isinstance(exc, sa_exc.TimeoutError):  # a pool other than ours
         return DatabaseBusyError(

@@ -276,6 +276,14 @@ def test_unknown_dialect_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
         assert "pw@" not in result.output  # the password is redacted
 
 
+def test_missing_postgres_database_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.conftest import POSTGRES_ADMIN_URL
+
+    missing = make_url(POSTGRES_ADMIN_URL).set(database="dspyflow_no_such_db_3f9a")
+    monkeypatch.setenv("DSPYFLOW_DATABASE_URL", missing.render_as_string(hide_password=False))
+    _one_line_error(runner.invoke(app, ["runs", "list"]), "does not exist", "createdb")
+
+
 def test_db_upgrade_on_a_newer_schema_is_one_line(
     sqlite_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
