@@ -49,7 +49,9 @@ def _finishes_within(fn: Callable[[], object], seconds: float) -> tuple[bool, li
     return not thread.is_alive(), out
 
 
-def test_a_reader_does_not_wait_for_an_open_write_transaction(sqlite_url: str) -> None:
+def test_a_reader_does_not_wait_for_an_open_write_transaction(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Every transaction was BEGIN IMMEDIATE: `runs list` waited behind any writer."""
     repo = Repository(get_engine(sqlite_url))
     run_id = repo.create_run(**RUN_FIELDS)
@@ -64,6 +66,10 @@ def test_a_reader_does_not_wait_for_an_open_write_transaction(sqlite_url: str) -
         assert runs[0].priority == 0  # type: ignore[index]  # the committed snapshot
         done, _ = _finishes_within(lambda: repo.get_run(run_id), 5.0)
         assert done
+        monkeypatch.setenv("DSPYFLOW_DATABASE_URL", sqlite_url)
+        done, out = _finishes_within(lambda: runner.invoke(app, ["runs", "list"]), 10.0)
+        assert done, "`dspyflow runs list` waited for the writer's lock"
+        assert out[0].exit_code == 0 and run_id[:12] in out[0].output  # type: ignore[attr-defined]
     finally:
         writer.execute("ROLLBACK")
         writer.close()
