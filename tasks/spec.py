@@ -23,7 +23,9 @@ BUDGET_PRESETS = ("light", "medium", "heavy")
 class LMSpec(BaseModel):
     """Which LM a cycle uses: `local`, `sim`, or any `dspy.LM` model string."""
 
-    model_config = ConfigDict(extra="forbid")
+    # No inf/nan anywhere: they pass gt/ge checks (or fail them obscurely) and break the
+    # budget and latency arithmetic later.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     model: str = Field(
         "local",
@@ -92,7 +94,9 @@ class LMSpec(BaseModel):
 class CycleSpec(BaseModel):
     """One optimization cycle: program, data, metric, optimizer and budget, LM, limits."""
 
-    model_config = ConfigDict(extra="forbid")
+    # No inf/nan anywhere: they pass gt/ge checks (or fail them obscurely) and break the
+    # budget and latency arithmetic later.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     task: str = Field("intent", description="A built-in task (intent, extraction) or a label.")
     program: str | None = Field(None, description="Your own program: `module:attr`.")

@@ -69,6 +69,29 @@ def test_cost_budget_must_be_finite() -> None:
         )
 
 
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("budget_warning_at", math.nan),
+        ("lm.sim_latency_ms", math.inf),
+        ("lm.price_per_1k_input_usd", math.inf),
+        ("lm.temperature", math.nan),
+    ],
+)
+def test_no_spec_field_takes_inf_or_nan(field: str, value: float) -> None:
+    lm: dict[str, object] = {"model": "sim"}
+    fields: dict[str, object] = {"lm": lm}
+    if field.startswith("lm."):
+        lm[field.removeprefix("lm.")] = value
+    else:
+        fields[field] = value
+    with pytest.raises(ValidationError) as info:
+        CycleSpec(**fields)  # type: ignore[arg-type]
+    (error,) = info.value.errors()
+    assert ".".join(map(str, error["loc"])) == field
+    assert "finite" in error["msg"]
+
+
 def test_cli_refuses_an_infinite_time_budget(
     sqlite_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
