@@ -39,7 +39,7 @@ DEFAULT_THRESHOLDS: tuple[str, ...] = ("error_rate<0.1",)
 
 
 class LoadTestConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # rps=inf never ends
 
     name: str = Field("load-test", min_length=1, max_length=200)
 

@@ -239,3 +239,12 @@ def test_all_errors_and_no_thresholds_fails() -> None:
     # the user's own thresholds replace the default: accepting every error rate is allowed
     lenient = LoadTestConfig(rps=40, duration_s=0.5, thresholds=["error_rate<=1"])
     assert judge(run_load_test(lenient, target=broken), lenient).passed
+
+
+@pytest.mark.parametrize("field", ["rps", "timeout_s", "spike_multiplier"])
+def test_load_test_config_refuses_inf(field: str) -> None:
+    from tasks.load.config import LoadTestConfig
+
+    fields: dict[str, object] = {"url": "http://x", "rps": 1, "duration_s": 1, field: math.inf}
+    with pytest.raises(ValidationError, match=f"{field}\n.*finite"):
+        LoadTestConfig(**fields)  # type: ignore[arg-type]
