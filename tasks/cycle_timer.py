@@ -434,11 +434,12 @@ class CycleMonitor:
         # spent on a result nobody can record. The guard stops the optimizer at its next
         # LM call; the cycle keeps its best program on the stale row (salvage_run).
         self.lease_lost = True
-        run = self.repo.get_run(self.run_id)
-        message = (
-            f"lease lost: run {self.run_id[:12]} is {run.state} "
-            f"({run.error or 'claimed by another worker'}) while this worker was alive"
-        )
+        try:
+            run = self.repo.get_run(self.run_id)
+            why = f"is {run.state} ({run.error or 'claimed by another worker'})"
+        except Exception as exc:  # noqa: BLE001 - the stop matters more than its wording
+            why = f"is no longer held by this worker ({exc})"
+        message = f"lease lost: run {self.run_id[:12]} {why} while this worker was alive"
         if self.guard.trip(StopReason.lease_lost, message):
             logger.error("%s; stopping", message)
             self._check_alerts()
