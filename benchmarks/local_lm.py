@@ -2,13 +2,13 @@
 
 The workload is the quick start's: real intent-classifier prompts as DSPy's JSONAdapter
 writes them (with the output JSON schema), for a program without demos and one with 4
-demos, alternating per trial as MIPROv2 does. The prompts are captured once; every
+demos, in trials that revisit candidates as MIPROv2 does. The prompts are captured once; every
 configuration then answers the same requests through `LocalLlamaEngine` (the code path
 of a cycle). Rounds interleave the configurations in alternating order, the first round
 is a discarded warm-up, and each figure is the median seconds per LM call with min-max
 and n. Ratios are against the first configuration, in the same run.
 
-    python benchmarks/local_lm.py --calls 24 --rounds 5
+    python benchmarks/local_lm.py --calls 48 --rounds 3
     python benchmarks/local_lm.py --configs t1,t2,t1-nobufts
 
 Prints a table and, as its last line, one JSON object.
@@ -30,16 +30,18 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 # name -> LocalLlamaEngine options
 CONFIGS: dict[str, dict[str, Any]] = {
-    "t1": {"n_threads": 1, "extra_bufts": True},
-    "t2": {"n_threads": 2, "extra_bufts": True},
-    "t1-nobufts": {"n_threads": 1, "extra_bufts": False},
+    "t1": {"n_threads": 1, "extra_bufts": True, "prompt_cache_mb": 0},
+    "t2": {"n_threads": 2, "extra_bufts": True, "prompt_cache_mb": 0},
+    "t1-nobufts": {"n_threads": 1, "extra_bufts": False, "prompt_cache_mb": 0},
+    "t1-cache": {"n_threads": 1, "extra_bufts": True, "prompt_cache_mb": 512},
+    "t2-cache": {"n_threads": 2, "extra_bufts": True, "prompt_cache_mb": 512},
 }
 
 
-def capture_requests(calls: int) -> list[Any]:
-    """The requests a MIPROv2-like evaluation of the intent task sends, in order."""
-    import dspy
-
+def capture_requests(calls: int, per_trial: int) -> list[Any]:
+    """The requests a MIPROv2-like search on the intent task sends, in order: trials of
+    `per_trial` validation examples, each trial one candidate (instruction x demo set),
+    candidates revisited as Optuna does."""
     from tasks.lm import build_lm
     from tasks.programs import get_task
     from tasks.spec import LMSpec
@@ -60,27 +62,39 @@ def capture_requests(calls: int) -> list[Any]:
             return inner.complete(request)
 
     cycle_lm.engine.inner = Recorder()  # type: ignore[assignment]
-    plain = task.build_program()
-    with_demos = task.build_program()
-    for predictor in with_demos.predictors():
-        predictor.demos = list(splits.train[:4])
-    examples = splits.test
-    i = 0
+    candidates = []
+    for instructions, demos in (
+        (None, []),
+        (None, splits.train[:4]),
+        ("Read the bank customer's message and name the single intent it expresses.", []),
+        ("Read the bank customer's message and name the single intent it expresses.",
+         splits.train[4:8]),
+    ):  # fmt: skip
+        program = task.build_program()
+        for predictor in program.predictors():
+            predictor.demos = list(demos)
+            if instructions:
+                predictor.signature = predictor.signature.with_instructions(instructions)
+        candidates.append(program)
+    trial_order = [0, 1, 2, 1, 3, 0, 3, 2]  # revisits, as a TPE search does
+    examples = splits.val
+    trial = 0
     with cycle_lm.context():
         while len(captured) < calls:
-            program = plain if (i // 4) % 2 == 0 else with_demos  # 4 calls a trial
-            example = examples[i % len(examples)]
-            program(**{f: example[f] for f in task.input_fields})
-            i += 1
-    del dspy
+            program = candidates[trial_order[trial % len(trial_order)]]
+            for i in range(per_trial):
+                example = examples[i % len(examples)]
+                program(**{f: example[f] for f in task.input_fields})
+            trial += 1
     return captured[:calls]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--calls", type=int, default=24, help="LM calls per round and config")
+    parser.add_argument("--calls", type=int, default=48, help="LM calls per round and config")
+    parser.add_argument("--per-trial", type=int, default=6, help="validation examples a trial")
     parser.add_argument("--rounds", type=int, default=5, help="measured rounds (+1 warm-up)")
-    parser.add_argument("--configs", default="t1,t2,t1-nobufts")
+    parser.add_argument("--configs", default="t1,t2,t1-nobufts,t1-cache")
     args = parser.parse_args()
 
     from tasks.lm import LocalLlamaEngine
@@ -89,13 +103,14 @@ def main() -> None:
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
         parser.error(f"unknown configs {unknown}; known: {', '.join(CONFIGS)}")
-    requests = capture_requests(args.calls)
+    requests = capture_requests(args.calls, args.per_trial)
     engines = {name: LocalLlamaEngine(**CONFIGS[name]) for name in names}
     per_call: dict[str, list[float]] = {name: [] for name in names}
     for round_no in range(args.rounds + 1):
         order = names if round_no % 2 == 0 else list(reversed(names))
         for name in order:
             engine = engines[name]
+            engine.forget_prompts()  # each round starts cold: no state from the last one
             started = time.perf_counter()
             for request in requests:
                 engine.complete(request)

@@ -294,6 +294,9 @@ def local_model_path() -> Path:
     return ggufs[0]
 
 
+DEFAULT_PROMPT_CACHE_MB = 0
+
+
 class LocalLlamaEngine:
     """SmolLM2-135M-Instruct run in-process with JSON-schema-constrained decoding.
 
@@ -314,9 +317,12 @@ class LocalLlamaEngine:
         seed: int = 0,
         *,
         extra_bufts: bool | None = None,
+        prompt_cache_mb: int | None = None,
     ) -> None:
         """`extra_bufts`: llama.cpp's weight-repacking buffers; None lets the start-up
-        probe decide (see tasks/llama_runtime.py)."""
+        probe decide (see tasks/llama_runtime.py). `prompt_cache_mb`: keep the model
+        state after each call in RAM, so a prompt that shares a prefix with any earlier
+        one (not only the last) skips evaluating it; 0 turns it off."""
         self.model_path = require_local_extra()
         from tasks.llama_runtime import LlamaCannotRunError, load_llama, use_extra_bufts
 
@@ -343,7 +349,26 @@ class LocalLlamaEngine:
             seed=seed,
             verbose=False,
         )
+        cache_mb = (
+            prompt_cache_mb
+            if prompt_cache_mb is not None
+            else int(os.environ.get("DSPYFLOW_LOCAL_PROMPT_CACHE_MB", DEFAULT_PROMPT_CACHE_MB))
+        )
+        self.prompt_cache_mb = cache_mb
+        if cache_mb > 0:
+            from llama_cpp import LlamaRAMCache
+
+            self._llama.set_cache(LlamaRAMCache(capacity_bytes=cache_mb << 20))
         self._lock = threading.Lock()
+
+    def forget_prompts(self) -> None:
+        """Drop the evaluated prefix and the prompt cache (a benchmark's fresh start)."""
+        with self._lock:
+            self._llama.reset()
+            if self.prompt_cache_mb > 0:
+                from llama_cpp import LlamaRAMCache
+
+                self._llama.set_cache(LlamaRAMCache(capacity_bytes=self.prompt_cache_mb << 20))
 
     @classmethod
     def shared(cls) -> LocalLlamaEngine:
