@@ -531,12 +531,13 @@ def execute_cycle(
 
 def _transient_lm_error(task: Any, task_run: Any, state: Any) -> bool:
     """Retry `optimize` only when a transient LM error (429/5xx/timeout) escaped."""
-    from dspy.utils.exceptions import is_retryable_lm_error
+    from tasks.lm import is_transient_lm_error
 
     try:
         state.result()
     except Exception as exc:  # noqa: BLE001 - classification of whatever the task raised
-        return is_retryable_lm_error(exc)
+        # Also the raw lm15 429/5xx an engine raises, which DSPy's own check misses.
+        return is_transient_lm_error(exc)
     return False
 
 

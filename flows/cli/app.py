@@ -138,3 +138,17 @@ def _cell(value: Any, formatter: Callable[[Any], str] | None) -> Text:
     if isinstance(value, float):
         return Text(f"{value:.4g}")
     return Text(str(value))
+
+
+def open_repository():  # type: ignore[no-untyped-def]
+    """The results repository, after marking runs of dead processes on this host `stale`
+    (a crashed `dspyflow` left them `running`): the next command tells the truth."""
+    from storage.repository import Repository
+    from tasks.recovery import reap_dead_local_workers
+
+    repo = Repository()
+    try:
+        reap_dead_local_workers(repo)
+    except Exception as exc:  # noqa: BLE001 - a read-only or busy database still answers
+        err_console.print(f"[yellow]warning:[/] could not check for dead runs: {escape(str(exc))}")
+    return repo

@@ -16,7 +16,7 @@ from typing import Any
 import typer
 from rich.markup import escape
 
-from flows.cli.app import OutputFormat, app, console, fail, user_errors
+from flows.cli.app import OutputFormat, app, console, fail, open_repository, user_errors
 from flows.cli.runtime import prepare_runtime, temporary_prefect_server
 
 
@@ -83,9 +83,8 @@ def batch(
                 sim_permanent_error_rate=sim_permanent_error_rate,
                 priorities=_priorities(priorities),
             )
-        from storage.repository import Repository
 
-        Repository()  # the database is reachable and at the current schema
+        open_repository()  # reachable, at the current schema, dead runs marked
 
     from flows.optimization import optimization_batch, run_optimization_batch
 

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
-from flows.cli.app import OutputFormat, app, console, fail, user_errors
+from flows.cli.app import OutputFormat, app, console, fail, open_repository, user_errors
 from flows.cli.runtime import prepare_runtime, temporary_prefect_server
 
 
@@ -90,13 +91,12 @@ def optimize(
             demo_pool_size=demo_pool_size,
         )
         # Fail fast, before Prefect starts: task, dataset, LM availability, database.
-        from storage.repository import Repository
         from tasks.cycle import load_cycle_data
         from tasks.lm import build_lm
 
         task_def, _ = load_cycle_data(spec)  # also refuses budgets too small for one eval
         build_lm(spec.lm, task_def)
-        repo = Repository()
+        repo = open_repository()
 
     from flows.optimization import optimization_cycle
 
@@ -135,12 +135,15 @@ def optimize(
     else:
         sim = " [yellow](simulated LM)[/]" if summary.simulated else ""
         console.print(f"run [bold]{summary.run_id}[/] {summary.state}{sim}")
-        console.print(f"  task {summary.task}, optimizer {summary.optimizer}, lm {summary.lm}")
+        console.print(
+            f"  task {escape(summary.task)}, optimizer {summary.optimizer}, "
+            f"lm {escape(summary.lm)}"
+        )
         console.print(f"  baseline score  {_score(summary.baseline_score)}")
         console.print(f"  optimized score {_score(summary.best_score)}")
         console.print(f"  duration {summary.duration_s or 0:.1f} s, {summary.lm_calls} LM calls")
         if summary.error:
-            console.print(f"  error: {summary.error}", style="red")
+            console.print(f"  error: {escape(summary.error)}", style="red")
     if summary.state != "succeeded":
         fail(f"run {summary.run_id} ended {summary.state}: {summary.error}", code=1)
 

@@ -9,7 +9,15 @@ from typing import Any
 import typer
 from rich.markup import escape
 
-from flows.cli.app import OutputFormat, app, console, emit_rows, fail, user_errors
+from flows.cli.app import (
+    OutputFormat,
+    app,
+    console,
+    emit_rows,
+    fail,
+    open_repository,
+    user_errors,
+)
 
 runs_app = typer.Typer(help="Query optimization runs.", no_args_is_help=True)
 app.add_typer(runs_app, name="runs")
@@ -75,10 +83,9 @@ def runs_list(
     fmt: OutputFormat = typer.Option(OutputFormat.table, "--format"),
 ) -> None:
     """List runs, newest first."""
-    from storage.repository import Repository
 
     with user_errors():
-        runs = Repository().list_runs(
+        runs = open_repository().list_runs(
             state=state, task=task, optimizer=optimizer, lm=lm, since=since, limit=limit
         )
     rows = [run_row(r) for r in runs]
@@ -92,10 +99,9 @@ def runs_show(
     fmt: OutputFormat = typer.Option(OutputFormat.table, "--format"),
 ) -> None:
     """One run with its spec, progress samples, alerts and optimized program."""
-    from storage.repository import Repository
 
     with user_errors():
-        run = Repository().get_run(run_id, with_details=True)
+        run = open_repository().get_run(run_id, with_details=True)
     detail = run_row(run)
     detail["spec"] = run.spec
     detail["program_state"] = run.program_state

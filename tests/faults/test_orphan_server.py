@@ -8,6 +8,7 @@ test kills a real `dspyflow optimize` with SIGKILL while its server is up.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -64,7 +65,5 @@ def test_killed_cli_leaves_no_prefect_server(tmp_path: Path, sig: signal.Signals
         gone, alive = psutil.wait_procs(servers, timeout=20)
         assert not alive, f"orphaned Prefect server(s): {[p.pid for p in alive]}"
     finally:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(cli.pid, signal.SIGKILL)  # whatever of this test's group is left
-        except ProcessLookupError:
-            pass

@@ -176,3 +176,19 @@ def test_kill_9_mid_batch_leaves_no_run_queued_or_running(cli: Cli) -> None:
         f"worker process {proc.pid} on {host} is gone",
         f"batch process {proc.pid} on {host} is gone; the run never started",
     }
+
+
+def test_segfault_of_optimize_is_reported_by_runs_list(cli: Cli) -> None:
+    """The crash users met (llama.cpp's SIGSEGV): any next command that reads runs,
+    not only `runs recover`, reports the dead run instead of `running` forever."""
+    proc = cli.start(*OPTIMIZE)
+    run = _running_run(cli, proc)
+    proc.send_signal(signal.SIGSEGV)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGSEGV
+    result = cli.run("runs", "list", "--format", "json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    listed = {row["id"]: row for row in json.loads(result.stdout)}
+    assert listed[run.id]["state"] == "stale"
+    dead = cli.repo.get_run(run.id)
+    assert dead.error == f"worker process {proc.pid} on {socket.gethostname()} is gone"
