@@ -33,7 +33,8 @@ class Base(DeclarativeBase):
 
 
 class RunState(enum.StrEnum):
-    """Life cycle of an optimization run. The last four are terminal."""
+    """Life cycle of an optimization run. All but `queued` and `running` are terminal
+    (`stale` alone may go back to `queued`: see the transition table below)."""
 
     queued = "queued"
     running = "running"

@@ -48,11 +48,23 @@ def lm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     # A file, not a pipe: llama.cpp's load log alone can fill a pipe and block the server.
     log_path = tmp_path_factory.mktemp("lm-server") / "server.log"
     log = log_path.open("w")
+    from tasks.llama_runtime import use_extra_bufts
+
+    # The server loads the model as the `local` LM does: without llama.cpp's extra buffer
+    # types where the start-up probe found they crash (AMX hosts that forbid AMX).
+    launch = (
+        "import runpy, sys\n"
+        "from tasks.llama_runtime import model_params_override\n"
+        "sys.argv = ['llama_cpp.server', *sys.argv[2:]]\n"
+        f"with model_params_override(use_extra_bufts={use_extra_bufts(local_model_path())}):\n"
+        "    runpy.run_module('llama_cpp.server', run_name='__main__')\n"
+    )
     proc = subprocess.Popen(
         [
             sys.executable,
-            "-m",
-            "llama_cpp.server",
+            "-c",
+            launch,
+            "--",
             "--model",
             str(local_model_path()),
             "--model_alias",
