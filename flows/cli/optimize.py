@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from flows.cli.app import OutputFormat, app, console, fail, open_repository, user_errors
-from flows.cli.runtime import prepare_runtime, temporary_prefect_server
+from flows.cli.runtime import prepare_runtime, quiet_libraries, temporary_prefect_server
 
 
 @app.command()
@@ -93,6 +93,8 @@ def optimize(
         # Fail fast, before Prefect starts: task, dataset, LM availability, database.
         from tasks.cycle import load_cycle_data
         from tasks.lm import build_lm
+
+        quiet_libraries(verbose)  # DSPy is loaded now and has set its own level
 
         task_def, _ = load_cycle_data(spec)  # also refuses budgets too small for one eval
         build_lm(spec.lm, task_def)

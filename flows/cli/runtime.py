@@ -22,6 +22,12 @@ def prepare_runtime(verbose: bool = False) -> None:
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
         os.environ.setdefault("PREFECT_LOGGING_LOGGERS_ROOT_LEVEL", "WARNING")
         os.environ.setdefault("LITELLM_LOG", "ERROR")
+    quiet_libraries(verbose)
+
+
+def quiet_libraries(verbose: bool = False) -> None:
+    """Library log levels. DSPy sets its logger to INFO when it is imported, so commands
+    call this again once DSPy is loaded."""
     for name in ("dspy", "optuna", "httpx", "LiteLLM", "litellm"):
         logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
 
