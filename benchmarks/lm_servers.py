@@ -41,27 +41,15 @@ ALIAS = "smollm2"
 def start_server(threads: int) -> tuple[subprocess.Popen[bytes], str]:
     import httpx
 
-    from tasks.llama_runtime import use_extra_bufts
+    from tasks.llama_runtime import server_command
     from tasks.lm import local_model_path
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = int(sock.getsockname()[1])
-    model = local_model_path()
-    launch = (
-        "import runpy, sys\n"
-        "from tasks.llama_runtime import model_params_override\n"
-        "sys.argv = ['llama_cpp.server', *sys.argv[1:]]\n"
-        f"with model_params_override(use_extra_bufts={use_extra_bufts(model)}):\n"
-        "    runpy.run_module('llama_cpp.server', run_name='__main__')\n"
-    )
+    command = server_command(local_model_path(), alias=ALIAS, port=port, threads=threads)
     log = tempfile.NamedTemporaryFile(prefix="lm-server-", suffix=".log", delete=False)  # noqa: SIM115
-    proc = subprocess.Popen(
-        [sys.executable, "-c", launch, "--model", str(model), "--model_alias", ALIAS,
-         "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "4096",
-         "--n_threads", str(threads), "--n_threads_batch", str(threads)],
-        stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}/v1"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:

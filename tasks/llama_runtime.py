@@ -153,6 +153,25 @@ def load_llama(model_path: Path, *, extra_bufts: bool, **kwargs: Any) -> Any:
         return Llama(model_path=str(model_path), **kwargs)
 
 
+def server_command(model_path: Path, *, alias: str, port: int, threads: int) -> list[str]:
+    """llama-cpp-python's OpenAI-compatible server for `model_path` on 127.0.0.1:`port`,
+    loading the model as the `local` LM does (without extra buffer types where the probe
+    found they crash). Needs llama-cpp-python's `[server]` extra."""
+    launch = (
+        "import runpy, sys\n"
+        "from tasks.llama_runtime import model_params_override\n"
+        "sys.argv = ['llama_cpp.server', *sys.argv[1:]]\n"
+        f"with model_params_override(use_extra_bufts={use_extra_bufts(model_path)}):\n"
+        "    runpy.run_module('llama_cpp.server', run_name='__main__')\n"
+    )
+    return [
+        sys.executable, "-c", launch,
+        "--model", str(model_path), "--model_alias", alias,
+        "--host", "127.0.0.1", "--port", str(port),
+        "--n_ctx", "4096", "--n_threads", str(threads), "--n_threads_batch", str(threads),
+    ]  # fmt: skip
+
+
 # --- the cache ---------------------------------------------------------------------------
 
 

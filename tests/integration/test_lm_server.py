@@ -42,45 +42,16 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def lm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    from tasks.llama_runtime import server_command
     from tasks.lm import local_model_path
 
     port = _free_port()
     # A file, not a pipe: llama.cpp's load log alone can fill a pipe and block the server.
     log_path = tmp_path_factory.mktemp("lm-server") / "server.log"
     log = log_path.open("w")
-    from tasks.llama_runtime import use_extra_bufts
-
-    # The server loads the model as the `local` LM does: without llama.cpp's extra buffer
-    # types where the start-up probe found they crash (AMX hosts that forbid AMX).
-    launch = (
-        "import runpy, sys\n"
-        "from tasks.llama_runtime import model_params_override\n"
-        "sys.argv = ['llama_cpp.server', *sys.argv[2:]]\n"
-        f"with model_params_override(use_extra_bufts={use_extra_bufts(local_model_path())}):\n"
-        "    runpy.run_module('llama_cpp.server', run_name='__main__')\n"
-    )
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            launch,
-            "--",
-            "--model",
-            str(local_model_path()),
-            "--model_alias",
-            ALIAS,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--n_ctx",
-            "4096",
-            "--n_threads",
-            "1",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    # The server loads the model as the `local` LM does (the probe's decision applies).
+    command = server_command(local_model_path(), alias=ALIAS, port=port, threads=1)
+    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}/v1"
     deadline = time.monotonic() + 120
     try:
