@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,11 +31,16 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 # name -> LocalLlamaEngine options
 CONFIGS: dict[str, dict[str, Any]] = {
-    "t1": {"n_threads": 1, "extra_bufts": True, "prompt_cache_mb": 0},
-    "t2": {"n_threads": 2, "extra_bufts": True, "prompt_cache_mb": 0},
-    "t1-nobufts": {"n_threads": 1, "extra_bufts": False, "prompt_cache_mb": 0},
-    "t1-cache": {"n_threads": 1, "extra_bufts": True, "prompt_cache_mb": 512},
-    "t2-cache": {"n_threads": 2, "extra_bufts": True, "prompt_cache_mb": 512},
+    "t1": {"n_threads": 1, "n_threads_batch": 1, "extra_bufts": True, "prompt_cache_mb": 0},
+    "t1b2-cache": {"n_threads": 1, "n_threads_batch": 2, "extra_bufts": True,
+                   "prompt_cache_mb": 512},
+    "t2": {"n_threads": 2, "n_threads_batch": 2, "extra_bufts": True, "prompt_cache_mb": 0},
+    "t1-nobufts": {"n_threads": 1, "n_threads_batch": 1, "extra_bufts": False,
+                   "prompt_cache_mb": 0},
+    "t1-cache": {"n_threads": 1, "n_threads_batch": 1, "extra_bufts": True,
+                 "prompt_cache_mb": 512},
+    "t2-cache": {"n_threads": 2, "n_threads_batch": 2, "extra_bufts": True,
+                 "prompt_cache_mb": 512},
 }
 
 
@@ -95,6 +101,11 @@ def main() -> None:
     parser.add_argument("--per-trial", type=int, default=6, help="validation examples a trial")
     parser.add_argument("--rounds", type=int, default=5, help="measured rounds (+1 warm-up)")
     parser.add_argument("--configs", default="t1,t2,t1-nobufts,t1-cache")
+    parser.add_argument(
+        "--busy-core", action="store_true",
+        help="keep one core busy meanwhile (a spinning process), as a Prefect server or a "
+        "test run does",
+    )  # fmt: skip
     args = parser.parse_args()
 
     from tasks.lm import LocalLlamaEngine
@@ -105,6 +116,9 @@ def main() -> None:
         parser.error(f"unknown configs {unknown}; known: {', '.join(CONFIGS)}")
     requests = capture_requests(args.calls, args.per_trial)
     engines = {name: LocalLlamaEngine(**CONFIGS[name]) for name in names}
+    busy = (
+        subprocess.Popen([sys.executable, "-c", "while True: pass"]) if args.busy_core else None
+    )
     per_call: dict[str, list[float]] = {name: [] for name in names}
     for round_no in range(args.rounds + 1):
         order = names if round_no % 2 == 0 else list(reversed(names))
@@ -118,6 +132,9 @@ def main() -> None:
             if round_no > 0:  # round 0 is the warm-up
                 per_call[name].append(elapsed)
 
+    if busy is not None:
+        busy.kill()
+        busy.wait()
     base = statistics.median(per_call[names[0]])
     rows = []
     print(f"{'config':<22}{'s/call median':>14}{'min':>8}{'max':>8}{'n':>4}{'vs ' + names[0]:>10}")
@@ -145,6 +162,7 @@ def main() -> None:
                 "benchmark": "local_lm",
                 "calls_per_round": len(requests),
                 "rounds": args.rounds,
+                "busy_core": args.busy_core,
                 "cpu_count": os.cpu_count(),
                 "load_avg_1m": os.getloadavg()[0],
                 "configs": rows,

@@ -295,7 +295,8 @@ def local_model_path() -> Path:
 
 
 # States of earlier prompts (about 8 MB per 330-token prompt of SmolLM2), so a trial that
-# revisits a candidate's prefix skips its evaluation: 0.83x the time per call measured.
+# revisits a candidate's prefix skips its evaluation: 0.83x the time per call measured on
+# an idle machine, 0.94x with one core busy (benchmarks/local_lm.py).
 DEFAULT_PROMPT_CACHE_MB = 512
 
 
@@ -316,6 +317,7 @@ class LocalLlamaEngine:
         self,
         n_ctx: int = 4096,
         n_threads: int | None = None,
+        n_threads_batch: int | None = None,
         seed: int = 0,
         *,
         extra_bufts: bool | None = None,
@@ -328,10 +330,16 @@ class LocalLlamaEngine:
         self.model_path = require_local_extra()
         from tasks.llama_runtime import LlamaCannotRunError, load_llama, use_extra_bufts
 
-        # Every core: on 2 cores, 2 threads took 0.58x the time per call of 1 thread
-        # (benchmarks/local_lm.py, MIPROv2-like trials; the Prefect server idles meanwhile).
-        threads = n_threads or int(os.environ.get("DSPYFLOW_LOCAL_THREADS", os.cpu_count() or 1))
-        self.threads = threads
+        # One core left free. llama.cpp's threads spin at barriers: on an idle 2-core
+        # machine 2 threads took 0.58x the time per call of 1, but with one core busy
+        # elsewhere (the Prefect server, the database, a test run) 1.77x, and 2 threads
+        # for prompt evaluation only still 1.18x (benchmarks/local_lm.py --busy-core).
+        cores = os.cpu_count() or 1
+        threads = n_threads or int(os.environ.get("DSPYFLOW_LOCAL_THREADS", max(1, cores - 1)))
+        batch_threads = n_threads_batch or int(
+            os.environ.get("DSPYFLOW_LOCAL_BATCH_THREADS", threads)
+        )
+        self.threads, self.batch_threads = threads, batch_threads
         try:
             # A probe in a child process decides: a segfault there is an answer, here
             # it would kill the run (AMX repack buffers on hosts that forbid AMX).
@@ -345,7 +353,7 @@ class LocalLlamaEngine:
             extra_bufts=self.extra_bufts,
             n_ctx=n_ctx,
             n_threads=threads,
-            n_threads_batch=threads,
+            n_threads_batch=batch_threads,
             seed=seed,
             verbose=False,
         )
