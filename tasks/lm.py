@@ -330,12 +330,13 @@ class LocalLlamaEngine:
         self.model_path = require_local_extra()
         from tasks.llama_runtime import LlamaCannotRunError, load_llama, use_extra_bufts
 
-        # One core left free. llama.cpp's threads spin at barriers: on an idle 2-core
-        # machine 2 threads took 0.58x the time per call of 1, but with one core busy
-        # elsewhere (the Prefect server, the database, a test run) 1.77x, and 2 threads
-        # for prompt evaluation only still 1.18x (benchmarks/local_lm.py --busy-core).
+        # Every core. On 2 cores the whole quick-start cycle ran all 11 trials in 610 s
+        # with 2 threads; with 1 it had done 7 at 606 s. But llama.cpp's threads spin at
+        # barriers: with a core busy elsewhere 2 threads took 1.77x the time per call of
+        # 1 (benchmarks/local_lm.py --busy-core), so a loaded host sets
+        # DSPYFLOW_LOCAL_THREADS=1.
         cores = os.cpu_count() or 1
-        threads = n_threads or int(os.environ.get("DSPYFLOW_LOCAL_THREADS", max(1, cores - 1)))
+        threads = n_threads or int(os.environ.get("DSPYFLOW_LOCAL_THREADS", cores))
         batch_threads = n_threads_batch or int(
             os.environ.get("DSPYFLOW_LOCAL_BATCH_THREADS", threads)
         )
