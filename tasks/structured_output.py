@@ -78,6 +78,12 @@ class ResponseFormatAdapter(dspy.JSONAdapter):
 
     def _switch_dialect(self, exc: Exception) -> bool:
         """True if the server refused OpenAI's json_schema form (and we now use the other)."""
+        from dspy.utils.exceptions import LMProviderError
+
+        # Only the server's refusal of the request: a parse error of an answer may quote
+        # the schema too, and must not change what every later request sends.
+        if not isinstance(exc, LMProviderError):
+            return False
         if self.mode != "json_schema" or self.server in _schema_in_json_object:
             return False
         text = str(exc).lower()
