@@ -57,7 +57,13 @@ class LMSpec(BaseModel):
     sim_error_rate: float = Field(0.0, ge=0.0, le=1.0, description="Transient 429/503 rate.")
     sim_permanent_error_rate: float = Field(0.0, ge=0.0, le=1.0)
     sim_base_accuracy: float = Field(0.3, ge=0.0, le=1.0)
-    sim_demo_bonus: float = Field(0.06, ge=0.0, le=1.0)
+    sim_demo_bonus: float = Field(
+        0.15,
+        ge=0.0,
+        le=1.0,
+        description="Added per demo that shows this input's gold answer (or a like input); "
+        "demos that show neither add nothing (tasks.lm.SimulatedEngine).",
+    )
     sim_instruction_bonus: float = Field(0.3, ge=0.0, le=1.0)
     sim_max_accuracy: float = Field(0.95, ge=0.0, le=1.0)
 

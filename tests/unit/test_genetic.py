@@ -82,7 +82,7 @@ def test_search_improves_on_the_seed_program(intent) -> None:  # type: ignore[no
     assert ga.best_score > baseline.score / 100
     assert ga.proposals > 0, "LM-proposed rewrites are part of the search"
     predictor = program.named_predictors()[0][1]
-    assert predictor.demos, "the sim rewards demos: the best individual has some"
+    assert predictor.demos, "the sim rewards demos that show the label: the best has some"
 
 
 def test_operators_produce_valid_genomes(intent) -> None:  # type: ignore[no-untyped-def]
