@@ -126,12 +126,11 @@ def test_plugs_into_dspy_knn(selector: ds.DemoSelector) -> None:
 
 
 @needs_minilm
-def test_builtin_intent_dataset_if_present() -> None:
-    programs = pytest.importorskip("tasks.programs")
-    try:
-        train = programs.get_task("intent").load_splits().train
-    except Exception as exc:  # the dataset is another engineer's work in progress
-        pytest.skip(f"built-in intent dataset not usable yet: {exc}")
+def test_builtin_intent_dataset() -> None:
+    """The shipped intent dataset: a broken file fails here, it is not skipped."""
+    from tasks.programs import get_task
+
+    train = get_task("intent").load_splits().train
     selector = ds.DemoSelector(train, ["text"])
     demos = selector.diverse_demos(10)
     assert len({d.intent for d in demos}) >= 6
