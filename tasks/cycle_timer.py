@@ -353,6 +353,10 @@ class CycleMonitor:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        # One writer at a time: the monitor thread and the cycle's flush() both write, and
+        # a sample read earlier must not land after a later one (the artifact would end at
+        # 75 % of a finished run).
+        self._write_lock = threading.RLock()
         self._dirty = False
         self._last_sample = -float("inf")
         self._last_heartbeat = time.monotonic()
@@ -411,13 +415,14 @@ class CycleMonitor:
     def _tick(self, final: bool = False) -> None:
         now = time.monotonic()
         self._check_alerts()
-        with self._lock:
-            due = self._dirty and (final or now - self._last_sample >= self.sample_interval_s)
-            if due:
-                self._dirty = False
-                self._last_sample = now
-        if due and not self.lease_lost:
-            self._write_sample()
+        with self._write_lock:
+            with self._lock:
+                due = self._dirty and (final or now - self._last_sample >= self.sample_interval_s)
+                if due:
+                    self._dirty = False
+                    self._last_sample = now
+            if due and not self.lease_lost:
+                self._write_sample()
         if self.lease_lost:
             return  # the run is not ours any more: write nothing to it
         if not final and now - self._last_heartbeat >= self.heartbeat_interval_s:
