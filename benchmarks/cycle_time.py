@@ -57,16 +57,17 @@ def run_one(
         max_test=n_test,
     )
     started = time.perf_counter()
-    ctx = cycle.prepare_cycle(spec, repo)
-    baseline = cycle.run_baseline(ctx)
-    calls_before = ctx.lm.usage.calls
-    compile_started = time.perf_counter()
-    result = cycle.run_optimizer(ctx)
-    compile_s = time.perf_counter() - compile_started
-    optimizer_calls = ctx.lm.usage.calls - calls_before
-    test_score = cycle.evaluate_program(ctx, result.program, ctx.splits.test)
-    cycle.record_success(ctx, baseline, result, test_score)
-    run = repo.get_run(ctx.run_id, with_details=True)
+    steps = cycle.TimedSteps()  # the cycle's one sequence, each step timed
+    cycle.execute_cycle(spec, repo, run_step=steps)
+    cycle_s = time.perf_counter() - started
+    assert steps.ctx is not None
+    run = repo.get_run(steps.ctx.run_id, with_details=True)
+    if run.best_score is None or run.baseline_score is None:
+        raise RuntimeError(f"{task}/{optimizer}: the cycle ended {run.state}: {run.error}")
+    compile_s = steps.seconds["optimize"]
+    calls_before = steps.lm_calls_before["optimize"]
+    optimizer_calls = steps.lm_calls_before["evaluate"] - calls_before
+    baseline, test_score = run.baseline_score, run.best_score
     curve = [
         (s.lm_calls - calls_before, s.best_score)
         for s in run.samples
@@ -79,13 +80,13 @@ def run_one(
         "baseline": round(baseline, 4),
         "optimized": round(test_score, 4),
         "gain": round(test_score - baseline, 4),
-        "best_val": round(result.val_score, 4) if result.val_score is not None else None,
-        "cycle_s": round(time.perf_counter() - started, 2),
+        "best_val": round(run.val_score, 4) if run.val_score is not None else None,
+        "cycle_s": round(cycle_s, 2),
         "compile_s": round(compile_s, 2),
         "lm_calls": run.lm_calls,
         "optimizer_lm_calls": optimizer_calls,
-        "iterations": result.iterations,
-        "iterations_per_s": round(result.iterations / compile_s, 3) if compile_s else None,
+        "iterations": run.iterations,
+        "iterations_per_s": round(run.iterations / compile_s, 3) if compile_s else None,
         "tokens": run.input_tokens + run.output_tokens,
         "run_id": run.id,
     }

@@ -17,7 +17,7 @@ from storage.repository import Repository, new_id
 from tasks import cycle
 from tasks.batch import BatchOptions, BatchSummary, run_batch
 from tasks.batch_jobs import batch_jobs_path, load_jobs, write_jobs
-from tasks.cycle import CycleSummary, summarize
+from tasks.cycle import CycleSummary
 from tasks.job_queue import Backpressure
 from tasks.spec import CycleSpec
 
@@ -58,24 +58,18 @@ def optimization_cycle(spec: CycleSpec, run_id: str | None = None) -> CycleSumma
     """
     repo = Repository()
     run_id = run_id or new_id()
-    ctx = None
-    result = None
     restore_sigterm = cancel_on_sigterm(run_id)
     try:
-        ctx = cycle.prepare(spec, repo, run_id=run_id, flow_run_id=flow_run.get_id())
-        baseline_score = cycle.baseline(ctx)
-        # Prefect's timeout is the outer guard; the budget itself is enforced inside.
-        optimize = cycle.optimize.with_options(timeout_seconds=spec.time_budget_s * 1.25 + 60)
-        result = optimize(ctx)
-        test_score = cycle.evaluate(ctx, result)
-        cycle.record(ctx, baseline_score, result, test_score)
-    except BaseException as exc:
-        # With `result`, a failed final evaluation still keeps the optimized program.
-        cycle.record_failure(repo, run_id, exc, ctx, result)
-        raise
+        summary = cycle.execute_cycle(
+            spec,
+            repo,
+            run_id=run_id,
+            flow_run_id=flow_run.get_id(),
+            run_step=cycle.prefect_steps(spec),
+            reraise=True,  # recorded on the run first, then the flow run fails too
+        )
     finally:
         restore_sigterm()
-    summary = summarize(repo, ctx.run_id)
     if summary.state == "cancelled":
         # Cancelled (Prefect UI/API, Ctrl-C, cancel_run): the best program so far is saved;
         # the flow run ends Cancelled rather than Completed.

@@ -1,4 +1,5 @@
-"""One optimization cycle's steps as plain functions, and the Prefect tasks that wrap them.
+"""One optimization cycle: its steps as plain functions, and `execute_cycle`, the one
+sequence that runs them (directly, as Prefect tasks, or timed).
 
 prepare -> baseline -> optimize -> evaluate -> record. `prepare` validates everything
 (task, dataset, LM) before it writes the run's row, so bad input leaves nothing behind.
@@ -9,11 +10,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Protocol
 
 import dspy
 from prefect import task
@@ -43,6 +46,8 @@ from tasks.spec import CycleSpec
 
 logger = logging.getLogger("dspyflow.cycle")
 
+CycleStep = Literal["prepare", "baseline", "optimize", "evaluate", "record"]
+
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 
@@ -61,6 +66,7 @@ class CycleContext:
     lease: str  # the claim on the run's row: every write of this cycle presents it
     reflection_lm: CycleLM | None = None
     started_monotonic: float = field(default_factory=time.monotonic)
+    resumed_baseline: float | None = None  # recorded by an earlier attempt of this run
 
     def elapsed_s(self) -> float:
         return time.monotonic() - self.started_monotonic
@@ -95,9 +101,18 @@ def load_cycle_data(spec: CycleSpec) -> tuple[TaskDefinition, Splits]:
     return task_def, splits
 
 
+RESUMABLE_OPTIMIZERS = ("gepa", "genetic")
+
+
 def gepa_log_dir(run_id: str) -> Path:
     """GEPA's state for a run: a re-queued run resumes from it."""
-    return StorageSettings().home.expanduser() / "gepa" / run_id
+    return optimizer_state_dir(run_id, "gepa")
+
+
+def optimizer_state_dir(run_id: str, optimizer: str) -> Path:
+    """Where a resumable optimizer keeps its state for a run (GEPA's run dir, the genetic
+    optimizer's per-generation checkpoint): a re-run of the same run resumes from it."""
+    return StorageSettings().home.expanduser() / optimizer / run_id
 
 
 def prepare_cycle(
@@ -120,7 +135,8 @@ def prepare_cycle(
         else None
     )
     run_id = run_id or new_id()
-    if not repo.run_exists(run_id):
+    earlier = repo.get_run(run_id) if repo.run_exists(run_id) else None
+    if earlier is None:
         # Another worker may create it first: the claim below decides who runs it.
         with contextlib.suppress(IntegrityError):
             repo.create_run(
@@ -137,6 +153,12 @@ def prepare_cycle(
     if lease is None:
         # Someone else holds it (or it ended): this worker must write nothing to it.
         raise RunClaimError(f"run {run_id} is not queued: it was started elsewhere or ended")
+    resumed_baseline = None
+    if earlier is not None and earlier.attempt > 1:
+        # A re-queued run resumes: its earlier attempts' LM usage counts against the same
+        # budgets, and their baseline score stands (its test-set calls are not paid twice).
+        _carry_usage(cycle_lm, earlier)
+        resumed_baseline = earlier.baseline_score
     try:
         usage = cycle_lm.usage.snapshot
         guard = CycleGuard.for_spec(
@@ -171,7 +193,20 @@ def prepare_cycle(
         lease=lease,
         reflection_lm=reflection_lm,
         started_monotonic=started,
+        resumed_baseline=resumed_baseline,
     )
+
+
+def _carry_usage(cycle_lm: CycleLM, earlier: Any) -> None:
+    """Start the usage counters at what earlier attempts of the run spent (before any LM
+    call of this attempt, so no lock is needed)."""
+    usage = cycle_lm.usage
+    usage.calls += earlier.lm_calls or 0
+    usage.input_tokens += earlier.input_tokens or 0
+    usage.output_tokens += earlier.output_tokens or 0
+    if earlier.cost_usd is not None:
+        usage.cost_usd += earlier.cost_usd
+        usage.priced = True
 
 
 def worker_name() -> str:
@@ -221,6 +256,8 @@ def evaluate_program(
 
 
 def run_baseline(ctx: CycleContext) -> float:
+    if ctx.resumed_baseline is not None:
+        return ctx.resumed_baseline
     started = time.monotonic()
     score = evaluate_program(ctx, ctx.task.build_program(), ctx.splits.test)
     # The final test evaluation costs about what this one did (a bit more with demos):
@@ -282,7 +319,11 @@ def run_optimizer(ctx: CycleContext) -> OptimizeResult:
         on_iteration=ctx.monitor.on_iteration,
         should_stop=ctx.guard.should_stop,
         reflection_lm=ctx.reflection_lm.lm if ctx.reflection_lm is not None else None,
-        log_dir=gepa_log_dir(ctx.run_id) if ctx.spec.optimizer == "gepa" else None,
+        log_dir=(
+            optimizer_state_dir(ctx.run_id, ctx.spec.optimizer)
+            if ctx.spec.optimizer in RESUMABLE_OPTIMIZERS
+            else None
+        ),
         options=optimizer_options(ctx.spec),
     )
     ctx.monitor.begin_iterations(optimizer.total_iterations(request))
@@ -391,9 +432,12 @@ def record_success(
         **ctx.usage_fields(),
     }
     try:
-        _write_outcome(ctx, state, fields, kept="its best program")
+        written = _write_outcome(ctx, state, fields, kept="its best program")
     finally:
         release_control(ctx.run_id)
+    if written and ctx.spec.optimizer == "genetic":
+        # Recorded: nothing left to resume (a batch of 1000 leaves no 1000 checkpoints).
+        shutil.rmtree(optimizer_state_dir(ctx.run_id, "genetic"), ignore_errors=True)
 
 
 def _error_text(exc: BaseException, ctx: CycleContext | None) -> str:
@@ -492,6 +536,41 @@ def summarize(repo: Repository, run_id: str) -> CycleSummary:
     )
 
 
+class StepRunner(Protocol):
+    """How `execute_cycle` calls each step: directly (a batch's job), as a Prefect task
+    (the single-run flow), or timed (benchmarks). Receives the step's name, its function
+    and the arguments; returns what the function returns."""
+
+    def __call__(
+        self, name: CycleStep, step: Callable[..., Any], *args: Any, **kwargs: Any
+    ) -> Any: ...
+
+
+def call_directly(name: CycleStep, step: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    return step(*args, **kwargs)
+
+
+@dataclass
+class TimedSteps:
+    """A step runner that times each step and counts the LM calls spent before it."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+    lm_calls_before: dict[str, int] = field(default_factory=dict)
+    ctx: CycleContext | None = None
+
+    def __call__(self, name: CycleStep, step: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if self.ctx is not None:
+            self.lm_calls_before[name] = self.ctx.lm.usage.calls
+        started = time.perf_counter()
+        try:
+            out = step(*args, **kwargs)
+        finally:
+            self.seconds[name] = time.perf_counter() - started
+        if name == "prepare":
+            self.ctx = out
+        return out
+
+
 def execute_cycle(
     spec: CycleSpec,
     repo: Repository,
@@ -500,33 +579,49 @@ def execute_cycle(
     flow_run_id: str | None = None,
     limiter: RateLimiter | None = None,
     control: CycleControl | None = None,
+    run_step: StepRunner = call_directly,
+    reraise: bool = False,
 ) -> CycleSummary:
-    """All steps of one cycle in the calling thread, without Prefect task runs: for a
-    batch, where one Prefect task per job carries the whole cycle. The run always ends
-    in a terminal state; errors are recorded on the run, not raised. `control` (or
+    """The cycle's one step sequence: prepare -> baseline -> optimize -> evaluate ->
+    record. Used by the single-run flow (steps as Prefect tasks, `reraise` so the flow
+    run fails too), the batch (one Prefect task per job carries the whole cycle) and the
+    benchmarks (`TimedSteps`).
+
+    The run always ends in a terminal state with its reason, and the optimized program
+    when there is one: errors are recorded on the run, then returned as its summary (or
+    re-raised with `reraise`). Ctrl-C and other BaseExceptions (SystemExit, Prefect's
+    TerminationSignal) are recorded, then always re-raised. `control` (or
     `tasks.budget.cancel_run(run_id)`) cancels it from another thread."""
     ctx: CycleContext | None = None
     result: OptimizeResult | None = None
     try:
-        ctx = prepare_cycle(
-            spec, repo, run_id=run_id, flow_run_id=flow_run_id, limiter=limiter, control=control
+        ctx = run_step(
+            "prepare",
+            prepare_cycle,
+            spec,
+            repo,
+            run_id=run_id,
+            flow_run_id=flow_run_id,
+            limiter=limiter,
+            control=control,
         )
-        baseline_score = run_baseline(ctx)
-        result = run_optimizer(ctx)
-        test_score = evaluate_final(ctx, result)
-        record_success(ctx, baseline_score, result, test_score)
-    except (Exception, KeyboardInterrupt) as exc:  # every failure becomes a terminal state
+        baseline_score = run_step("baseline", run_baseline, ctx)
+        result = run_step("optimize", run_optimizer, ctx)
+        test_score = run_step("evaluate", evaluate_final, ctx, result)
+        run_step("record", record_success, ctx, baseline_score, result, test_score)
+    except BaseException as exc:  # every failure becomes a terminal state
         failed_run = ctx.run_id if ctx is not None else run_id
         if failed_run is None:
-            raise
+            raise  # nothing was written: the input was refused before the run's row
+        # With `result`, a failed final evaluation still keeps the optimized program.
         record_failure(repo, failed_run, exc, ctx, result)
-        if isinstance(exc, KeyboardInterrupt):
+        if reraise or not isinstance(exc, Exception):
             raise
         return summarize(repo, failed_run)
     return summarize(repo, ctx.run_id)
 
 
-# --- Prefect tasks: thin wrappers ----------------------------------------------------------
+# --- Prefect tasks: the same step functions, as task runs of the single-run flow --------
 
 
 def _transient_lm_error(task: Any, task_run: Any, state: Any) -> bool:
@@ -543,38 +638,35 @@ def _transient_lm_error(task: Any, task_run: Any, state: Any) -> bool:
 
 _TASK_OPTIONS: dict[str, Any] = {"cache_policy": NONE, "persist_result": False}
 
-
-@task(name="prepare", **_TASK_OPTIONS)
-def prepare(
-    spec: CycleSpec, repo: Repository, run_id: str | None = None, flow_run_id: str | None = None
-) -> CycleContext:
-    return prepare_cycle(spec, repo, run_id=run_id, flow_run_id=flow_run_id)
-
-
-@task(name="baseline", **_TASK_OPTIONS)
-def baseline(ctx: CycleContext) -> float:
-    return run_baseline(ctx)
-
-
-@task(
-    name="optimize",
-    retries=2,
-    retry_delay_seconds=exponential_backoff(backoff_factor=2),
-    retry_jitter_factor=0.5,
-    retry_condition_fn=_transient_lm_error,
-    **_TASK_OPTIONS,
-)
-def optimize(ctx: CycleContext) -> OptimizeResult:
-    return run_optimizer(ctx)
+_PREFECT_STEPS: dict[str, Any] = {
+    "prepare": task(prepare_cycle, name="prepare", **_TASK_OPTIONS),
+    "baseline": task(run_baseline, name="baseline", **_TASK_OPTIONS),
+    # The budget is enforced inside the optimizer (and re-armed on each retry).
+    "optimize": task(
+        run_optimizer,
+        name="optimize",
+        retries=2,
+        retry_delay_seconds=exponential_backoff(backoff_factor=2),
+        retry_jitter_factor=0.5,
+        retry_condition_fn=_transient_lm_error,
+        **_TASK_OPTIONS,
+    ),
+    "evaluate": task(evaluate_final, name="evaluate", **_TASK_OPTIONS),
+    "record": task(record_success, name="record", **_TASK_OPTIONS),
+}
 
 
-@task(name="evaluate", **_TASK_OPTIONS)
-def evaluate(ctx: CycleContext, result: OptimizeResult) -> float | None:
-    return evaluate_final(ctx, result)
+def prefect_steps(spec: CycleSpec) -> StepRunner:
+    """Each step as a Prefect task run (retries and the UI's task graph); `optimize` gets
+    a Prefect timeout past the time budget, an outer guard should the inner one fail."""
+    tasks = {
+        **_PREFECT_STEPS,
+        "optimize": _PREFECT_STEPS["optimize"].with_options(
+            timeout_seconds=spec.time_budget_s * 1.25 + 60
+        ),
+    }
 
+    def run_step(name: CycleStep, step: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return tasks[name](*args, **kwargs)
 
-@task(name="record", **_TASK_OPTIONS)
-def record(
-    ctx: CycleContext, baseline_score: float, result: OptimizeResult, test_score: float | None
-) -> None:
-    record_success(ctx, baseline_score, result, test_score)
+    return run_step
