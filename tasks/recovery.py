@@ -16,7 +16,9 @@ lost: its next heartbeat finds its lease gone, it stops spending LM calls and ke
 best program on the stale row (tasks.cycle.record_success).
 
 With `requeue` every stale run goes back to `queued` (attempt + 1) for a job queue to run
-again, and a re-run GEPA cycle resumes from `$DSPYFLOW_HOME/gepa/<run_id>`.
+again; `resume_runs` (`dspyflow runs recover --resume`) runs them here. A re-run GEPA
+cycle resumes from `$DSPYFLOW_HOME/gepa/<run_id>`, a genetic one from its last generation's
+checkpoint in `$DSPYFLOW_HOME/genetic/<run_id>`; MIPROv2 searches again.
 
 `dspyflow runs recover` calls `recover_stale_runs`; so does a batch flow at its start.
 """
@@ -128,6 +130,30 @@ def recover_stale_runs(
         requeued=requeued,
         reasons=reasons,
     )
+
+
+def resume_runs(repo: Repository, run_ids: list[str]) -> dict[str, str]:
+    """Run re-queued runs again in this process, one after another, each under its own id
+    and spec: GEPA and the genetic optimizer continue from their saved state, MIPROv2
+    starts its search again; earlier attempts' LM usage and baseline carry over
+    (tasks.cycle.prepare_cycle). Returns each run's terminal state."""
+    from tasks.cycle import execute_cycle, record_failure
+    from tasks.spec import CycleSpec
+
+    states: dict[str, str] = {}
+    for run_id in run_ids:
+        run = repo.get_run(run_id)
+        if run.state != RunState.queued.value:
+            continue  # claimed by someone else since: theirs to finish
+        try:
+            spec = CycleSpec.model_validate(run.spec)
+        except ValueError as exc:  # a spec this version no longer accepts
+            record_failure(repo, run_id, exc, None)
+            states[run_id] = repo.get_run(run_id).state
+            continue
+        logger.warning("resuming run %s (attempt %d)", run_id, run.attempt)
+        states[run_id] = execute_cycle(spec, repo, run_id=run_id).state
+    return states
 
 
 @task(name="recover-stale-runs", cache_policy=NONE, persist_result=False)

@@ -156,16 +156,31 @@ def runs_recover(
         60.0, "--stale-after", help="Seconds without a heartbeat after which a run is stale."
     ),
     requeue: bool = typer.Option(False, "--requeue", help="Put stale runs back in the queue."),
+    resume: bool = typer.Option(
+        False,
+        "--resume",
+        help="Re-queue stale runs and finish them here: GEPA and genetic runs continue "
+        "from their saved state, MIPROv2 runs search again.",
+    ),
     fmt: OutputFormat = typer.Option(OutputFormat.table, "--format"),
 ) -> None:
-    """Mark runs whose worker died (stale heartbeat) `stale`; optionally re-queue them."""
+    """Mark runs whose worker died (stale heartbeat) `stale`; optionally re-queue them, or
+    resume them in this process."""
     from storage.repository import Repository
-    from tasks.recovery import recover_stale_runs
+    from tasks.recovery import recover_stale_runs, resume_runs
 
     with user_errors():
-        report = recover_stale_runs(Repository(), stale_after_s=stale_after, requeue=requeue)
+        repo = Repository()
+        report = recover_stale_runs(repo, stale_after_s=stale_after, requeue=requeue or resume)
+    resumed: dict[str, str] = {}
+    if resume and report.requeued:
+        from flows.cli.runtime import quiet_libraries
+
+        quiet_libraries()
+        with user_errors():
+            resumed = resume_runs(repo, report.requeued)
     if fmt is OutputFormat.json:
-        print(json.dumps(report.model_dump(), indent=2))
+        print(json.dumps({**report.model_dump(), "resumed": resumed}, indent=2))
         return
     console.print(
         f"{len(report.marked_stale)} run(s) marked stale (no heartbeat for "
@@ -175,6 +190,8 @@ def runs_recover(
         console.print(f"  stale    {run_id}")
     for run_id in report.requeued:
         console.print(f"  requeued {run_id}")
+    for run_id, state in resumed.items():
+        console.print(f"  resumed  {run_id}: {state}")
 
 
 @runs_app.command("cancel")

@@ -17,12 +17,16 @@ See docs/genetic-optimizer.md for the design and its costs.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+import pickle
 import random
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import dspy
@@ -127,6 +131,7 @@ class GeneticTeleprompter(Teleprompter):
         max_seconds: float | None = None,
         should_stop: Callable[[], bool] | None = None,
         on_generation: Callable[[Generation], None] | None = None,
+        checkpoint_path: Path | None = None,
     ) -> None:
         super().__init__()
         if population_size < 2:
@@ -157,6 +162,9 @@ class GeneticTeleprompter(Teleprompter):
         self.max_seconds = max_seconds
         self.should_stop = should_stop
         self.on_generation = on_generation
+        # Written after each generation; a compile that finds one for the same inputs
+        # resumes from it (a dead worker's run continues, its finished generations unpaid).
+        self.checkpoint_path = checkpoint_path
         self._reset()
 
     def _reset(self) -> None:
@@ -211,17 +219,22 @@ class GeneticTeleprompter(Teleprompter):
         self._names = [name for name, _ in self._student.named_predictors()]
         if not self._names:
             raise ValueError("the program has no predictors to optimize")
-        for name, predictor in self._student.named_predictors():
-            self._instructions[name] = [predictor.signature.instructions]
-        self._demos = self._demo_pools(trainset, rng)
-
-        seed_genome: Genome = tuple(Gene(0) for _ in self._names)
-        self.best_genome = seed_genome
-        population = self._initial_population(seed_genome, rng, started)
-        since_improvement = 0
-        record = float("-inf")  # best leader fitness so far, for `patience`
-        ranked: list[Genome] = population
-        for index in range(self.generations):
+        inputs = self._fingerprint(trainset, valset)
+        resumed = self._load_checkpoint(inputs, rng)
+        if resumed is not None:
+            first_index, population, since_improvement, record = resumed
+            ranked: list[Genome] = population
+        else:
+            for name, predictor in self._student.named_predictors():
+                self._instructions[name] = [predictor.signature.instructions]
+            self._demos = self._demo_pools(trainset, rng)
+            seed_genome: Genome = tuple(Gene(0) for _ in self._names)
+            self.best_genome = seed_genome
+            population = self._initial_population(seed_genome, rng, started)
+            first_index, since_improvement = 0, 0
+            record = float("-inf")  # best leader fitness so far, for `patience`
+            ranked = population
+        for index in range(first_index, self.generations):
             if self._must_stop(started):
                 break
             batch = rng.sample(range(len(valset)), min(self.minibatch_size, len(valset)))
@@ -250,6 +263,8 @@ class GeneticTeleprompter(Teleprompter):
             if since_improvement >= self.patience or index == self.generations - 1:
                 break
             population = self._next_generation(ranked, rng, started)
+            if not self.stopped:
+                self._save_checkpoint(inputs, index + 1, population, rng, since_improvement, record)
 
         if not self.stopped:
             self._select_final(ranked, valset, started)
@@ -257,6 +272,100 @@ class GeneticTeleprompter(Teleprompter):
         assert program is not None
         program.score = self.best_score  # type: ignore[attr-defined]
         return program
+
+    # --- checkpoints ---------------------------------------------------------------------
+
+    def _fingerprint(self, trainset: Sequence[dspy.Example], valset: Sequence[dspy.Example]) -> str:
+        """What a checkpoint must match to be resumed: the program, the data, the seed and
+        the search settings (a changed input starts afresh)."""
+        assert self._student is not None
+        parts = [
+            repr(self._names),
+            repr([p.signature.instructions for _, p in self._student.named_predictors()]),
+            repr([dict(e) for e in trainset]),
+            repr([dict(e) for e in valset]),
+            repr((self.seed, self.population_size, self.generations, self.minibatch_size)),
+            repr((self.max_demos, self.demo_pool_size, self.initial_proposals, self.elite_count)),
+        ]
+        return hashlib.sha256("\x00".join(parts).encode()).hexdigest()
+
+    def _save_checkpoint(
+        self,
+        inputs: str,
+        next_index: int,
+        population: list[Genome],
+        rng: random.Random,
+        since_improvement: int,
+        record: float,
+    ) -> None:
+        if self.checkpoint_path is None:
+            return
+        state = {
+            "version": 1,
+            "inputs": inputs,
+            "next_index": next_index,
+            "population": population,
+            "rng": rng.getstate(),
+            "since_improvement": since_improvement,
+            "record": record,
+            "history": self.history,
+            "metric_calls": self.metric_calls,
+            "proposals": self.proposals,
+            "best_genome": self.best_genome,
+            "best_score": self.best_score,
+            "scores": {
+                genome: (
+                    dict(scores.by_example),
+                    [(_example_state(ex), _prediction_state(p)) for ex, p in scores.mistakes],
+                )
+                for genome, scores in self._scores.items()
+            },
+            "instructions": self._instructions,
+            "demos": {
+                name: [_example_state(ex) for ex in pool] for name, pool in self._demos.items()
+            },
+        }
+        self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.checkpoint_path.with_suffix(".partial")
+        partial.write_bytes(pickle.dumps(state))
+        os.replace(partial, self.checkpoint_path)  # a kill mid-write leaves the old one
+
+    def _load_checkpoint(
+        self, inputs: str, rng: random.Random
+    ) -> tuple[int, list[Genome], int, float] | None:
+        path = self.checkpoint_path
+        if path is None or not path.exists():
+            return None
+        try:
+            state = pickle.loads(path.read_bytes())
+        except Exception as exc:  # noqa: BLE001 - a bad checkpoint costs a restart, not the run
+            logger.warning("genetic checkpoint %s unreadable (%s): starting afresh", path, exc)
+            return None
+        if state.get("version") != 1 or state.get("inputs") != inputs:
+            logger.warning("genetic checkpoint %s is for other inputs: starting afresh", path)
+            return None
+        rng.setstate(state["rng"])
+        self.history = state["history"]
+        self.metric_calls = state["metric_calls"]
+        self.proposals = state["proposals"]
+        self.best_genome = state["best_genome"]
+        self.best_score = state["best_score"]
+        self._scores = {
+            genome: _Scores(
+                by_example=dict(by_example),
+                mistakes=[(_example(ex), _prediction(p)) for ex, p in mistakes],
+            )
+            for genome, (by_example, mistakes) in state["scores"].items()
+        }
+        self._instructions = state["instructions"]
+        self._demos = {name: [_example(ex) for ex in pool] for name, pool in state["demos"].items()}
+        logger.info("genetic: resuming from generation %d (%s)", state["next_index"] + 1, path)
+        return (
+            state["next_index"],
+            state["population"],
+            state["since_improvement"],
+            state["record"],
+        )
 
     # --- pools and population -----------------------------------------------------------
 
@@ -525,6 +634,30 @@ class GeneticTeleprompter(Teleprompter):
         return len(pool) - 1
 
 
+# Checkpoints hold plain data (dicts, lists, str), not DSPy objects, so a DSPy upgrade
+# cannot make an old checkpoint unreadable.
+ExampleState = tuple[dict[str, Any], list[str] | None]
+
+
+def _example_state(example: dspy.Example) -> ExampleState:
+    keys = example._input_keys  # None for bootstrapped traces
+    return dict(example.items(include_dspy=True)), sorted(keys) if keys else None
+
+
+def _example(state: ExampleState) -> dspy.Example:
+    fields, input_keys = state
+    example = dspy.Example(**fields)
+    return example.with_inputs(*input_keys) if input_keys else example
+
+
+def _prediction_state(prediction: Any) -> dict[str, Any] | None:
+    return None if prediction is None else dict(prediction.items())
+
+
+def _prediction(state: dict[str, Any] | None) -> Any:
+    return None if state is None else dspy.Prediction(**state)
+
+
 def _format_examples(examples: Sequence[dspy.Example]) -> str:
     return "\n\n".join(
         "\n".join(f"{key}: {value}" for key, value in ex.items() if key != "augmented")
@@ -588,6 +721,7 @@ class GeneticOptimizer:
             prompt_model=request.reflection_lm,
             should_stop=request.should_stop,
             on_generation=on_generation,
+            checkpoint_path=request.log_dir / "checkpoint.pkl" if request.log_dir else None,
         )
         student = request.program.deepcopy()
         try:
