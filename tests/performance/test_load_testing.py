@@ -278,14 +278,16 @@ def test_percentile_accuracy_against_the_server_side() -> None:
     assert stats["requests"] == result.summary.overall.requests == 200
     server = percentiles(decode(stats["histogram"]))
     client = result.summary.overall.service
-    # The client's excess over the server is bounded by how late its own loop ran (measured):
-    # benchmarks/load_generator.py holds 1 ms + 1 % on a quiet machine; a shared 2-core test
-    # box descheduling either process for tens of ms is what loop lag accounts for.
-    slack = 3.0 + (result.summary.resources.loop_lag_ms_max or 0.0)
-    for q in ("p50_ms", "p90_ms", "p99_ms"):
+    # The client's excess over the server, in fixed bounds: a late event loop (the
+    # generator's own defect to catch) must not widen them, as the loop lag it measured
+    # once did. benchmarks/load_generator.py holds 1 ms + 1 % on a quiet machine; these
+    # are generous bounds for a shared 2-core box (measured there: +1 to +2.2 ms at p50
+    # and p90), much wider at p99, which two descheduled requests of 200 can move.
+    slack_ms = {"p50_ms": 5.0, "p90_ms": 5.0, "p99_ms": 50.0}
+    for q, slack in slack_ms.items():
         c, s = getattr(client, q), getattr(server, q)
         assert c >= s - 0.1, q  # the client cannot see less than the server spent
-        assert c - s <= slack + 0.03 * s, (q, c, s, slack)
+        assert c - s <= slack + 0.03 * s, (q, c, s, result.summary.resources.loop_lag_ms_max)
 
 
 # --- throughput and concurrency ------------------------------------------------------------
