@@ -4,8 +4,14 @@ How it times (see docs/gpu.md):
 - GPU: CUDA events around each repetition, after a warm-up; before every repetition a
   256 MB buffer is zeroed so each one starts with a cold L2 (reported as `cold`).
 - CPU: perf_counter around each repetition (ops are synchronous); caches stay warm.
-- Ours and the plain-torch baseline run interleaved (A B A B ...) so drift on a shared
-  machine hits both alike; figures are medians with the interquartile range.
+- Ours and the baseline run interleaved in alternating order (A B, B A, A B, ...) after a
+  discarded warm-up, so drift and whichever-runs-second effects hit both alike; figures
+  are medians with min-max and n (and the interquartile range).
+- The baseline is what a user would otherwise write: plain torch, and on the CPU in
+  float32 (half inputs converted, as anyone computing on a CPU would). CPU ratios say
+  nothing about GPUs.
+- Each case is measured, then reported (``on_result``) before the next starts; a case
+  that fails is recorded with its error and the others still run.
 - Achieved GB/s = compulsory bytes / time, TFLOP/s = algorithmic FLOPs / time; both
   against this run's measured ceilings: a big device-to-device copy and a dense matmul.
 - Error: max |ours - float64 reference| (numpy), on a subset of rows for big cases.
@@ -21,6 +27,7 @@ import platform
 import statistics
 import subprocess
 import time
+import traceback
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -128,14 +135,13 @@ def cases_for(sizes: Sizes, device: torch.device) -> list[OpCase]:
     return full
 
 
-# Targets for the full sizes on an H100/H200 (ms, extra bytes); on CPUs: ratio <= 1.2.
+# Targets for the full sizes on an H100/H200 (ms, extra bytes); none on CPUs.
 GPU_TARGETS: dict[str, dict[str, float]] = {
     "topk_cosine.fp16": {"ms": 1.5, "extra_bytes": 1024**3},
     "topk_cosine_fused.fp16": {"ms": 1.5, "extra_bytes": 1024**3},
     "normalize.fp32": {"ms": 1.0},
     "pairwise_l2.fp32": {"ms": 1.2},
 }
-CPU_RATIO_TARGET = 1.2
 
 
 class _Bench:
@@ -181,8 +187,52 @@ class _Bench:
             return res.values, res.indices
         return ops.topk_cosine(x[0], x[1], c.k or 1, normalized=True)
 
+    def baseline_label(self) -> str:
+        """What the baseline is, in words (stored beside the ratio)."""
+        c = self.case
+        cpu_fp32 = " in float32" if self._baseline_in_fp32() else ""
+        label = {
+            "matmul": "a @ b (the same kernel as ours: an A/A control for noise)",
+            "normalize": "F.normalize(x)",
+            "pairwise_l2": "torch.cdist(x, y)",
+            "cosine_similarity": "F.normalize(x) @ F.normalize(y).T",
+            "topk_cosine": "torch.topk(F.normalize(q) @ db.T, k)",
+        }[c.op]
+        return label + cpu_fp32
+
+    def _baseline_in_fp32(self) -> bool:
+        # On a CPU nobody computes in half: torch's CPU half kernels are slow, so a user
+        # converts to float32 first (inside the timed call, as ours does).
+        return self.device.type == "cpu" and self.dtype != torch.float32
+
+    def path(self) -> str:
+        """Which implementation of ours runs here (a fallback is named, never silent)."""
+        c = self.case
+        if c.op == "normalize":
+            return f"normalize: {ops.kernel_path('normalize', self.device)}"
+        if c.op == "pairwise_l2":
+            half = ops._uses_half_gemm(self.dtype, self.device)
+            return "pairwise_l2: " + ("half GEMM, fp32 accumulate" if half else "fp32 GEMM")
+        if c.op == "topk_cosine":
+            q, db = self.inputs
+            plan = ops.plan_topk(
+                q.shape[0],
+                db.shape[0],
+                q.shape[1],
+                c.k or 1,
+                dtype=q.dtype,
+                device=self.device,
+                normalized=True,
+                selection="fused" if c.variant == "fused" else "auto",
+            )
+            cd = ops.compute_dtype(q.dtype, self.device)
+            return "topk: " + ops._path_name(plan.selection, cd, self.device)
+        return f"{c.op}: torch"
+
     def baseline(self) -> Any:
         c, x = self.case, self.inputs
+        if self._baseline_in_fp32():
+            x = tuple(t.float() for t in x)
         if c.op == "matmul":
             return x[0] @ x[1]
         if c.op == "normalize":
@@ -270,6 +320,8 @@ class Timing(BaseModel):
     q3_ms: float
     iqr_ms: float
     min_ms: float
+    max_ms: float = 0.0
+    n: int = 0
     cold: bool  # L2 flushed before each repetition
     timer: str  # "cuda-events" or "perf_counter"
     first_call_ms: float | None = None  # before any warm-up: compile, handles, page faults
@@ -287,6 +339,8 @@ class Timing(BaseModel):
             q3_ms=q[2],
             iqr_ms=q[2] - q[0],
             min_ms=s[0],
+            max_ms=s[-1],
+            n=len(s),
             cold=cold,
             timer=timer,
             first_call_ms=first_call_ms,
@@ -335,16 +389,18 @@ class Timer:
         return self.interleaved([fn], warmup=warmup, reps=reps)[0]
 
     def interleaved(self, fns: list[Callable[[], Any]], *, warmup: int, reps: int) -> list[Timing]:
-        """First call, warm-up, then repetitions alternating between the callables."""
+        """First call, warm-up (both discarded), then repetitions interleaving the callables
+        in alternating order (A B, B A, ...): neither always runs first on warm caches."""
         first = [self.once(fn) for fn in fns]
-        for fn in fns:
-            for _ in range(warmup):
+        for _ in range(warmup):
+            for fn in fns:
                 fn()
         synchronize(self.device)
         samples: list[list[float]] = [[] for _ in fns]
-        for _ in range(reps):
-            for i, fn in enumerate(fns):
-                samples[i].append(self.once(fn))
+        order = list(range(len(fns)))
+        for rep in range(reps):
+            for i in order if rep % 2 == 0 else order[::-1]:
+                samples[i].append(self.once(fns[i]))
         return [
             Timing.of(s, cold=self.cold, timer=self.name, first_call_ms=f)
             for s, f in zip(samples, first, strict=True)
@@ -477,6 +533,56 @@ class OpResult(BaseModel):
     target_ms: float | None = None
     meets_target: bool | None = None
     notes: list[str] = Field(default_factory=list)
+    path: str = ""  # which implementation of ours ran (e.g. a Triton kernel or torch)
+    baseline: str = ""  # what the baseline is, in words
+
+    def line(self) -> dict[str, Any]:
+        """This case's figures as one JSON-ready dict (one line of the script's output)."""
+        return {"case": self.case.key, **_figures(self)}
+
+
+class CaseError(BaseModel):
+    """A case that failed: recorded with its error; the suite goes on with the next case."""
+
+    case: OpCase
+    device: str
+    error: str  # "ExceptionType: first line of the message"
+    traceback: str  # its last lines
+
+    def line(self) -> dict[str, Any]:
+        return {"case": self.case.key, "shape": self.case.shape_label, "error": self.error}
+
+
+CPU_NOTE = (
+    "CPU figures: ratios of ours to plain torch on this CPU; they are not GPU figures and "
+    "say nothing about GPU speed"
+)
+
+
+def _figures(r: OpResult) -> dict[str, Any]:
+    return {
+        "shape": r.case.shape_label,
+        "ours_ms": _r(r.ours.median_ms),
+        "ours_min_ms": _r(r.ours.min_ms),
+        "ours_max_ms": _r(r.ours.max_ms),
+        "ours_iqr_ms": _r(r.ours.iqr_ms),
+        "torch_ms": _r(r.torch.median_ms),
+        "torch_min_ms": _r(r.torch.min_ms),
+        "torch_max_ms": _r(r.torch.max_ms),
+        "n": r.ours.n or len(r.ours.samples_ms),
+        "ratio": _r(r.ratio_vs_torch),
+        "gbps": _r(r.gbps),
+        "tflops": _r(r.tflops),
+        "pct_peak": _r(r.pct_of_peak),
+        "bound": r.bound,
+        "max_err": float(f"{r.max_abs_err:.3g}"),
+        "extra_mb": None if r.extra_bytes is None else _r(r.extra_bytes / 2**20),
+        "speedup_vs_cpu": None if r.speedup_vs_cpu is None else _r(r.speedup_vs_cpu),
+        "target_ms": r.target_ms,
+        "meets_target": r.meets_target,
+        "path": r.path,
+        "baseline": r.baseline,
+    }
 
 
 class SuiteResult(BaseModel):
@@ -490,6 +596,7 @@ class SuiteResult(BaseModel):
     peak: PeakFigures
     config: dict[str, Any]
     results: list[OpResult]
+    errors: list[CaseError] = Field(default_factory=list)
     wall_s: float
 
     def _row(
@@ -541,6 +648,7 @@ class SuiteResult(BaseModel):
                 "variant": c.variant,
                 "cold": r.ours.cold,
                 "timer": r.ours.timer,
+                "path": r.path,
                 **self.config,
             }
             yield self._row(
@@ -548,14 +656,26 @@ class SuiteResult(BaseModel):
                 r.ours.median_ms,
                 "ms",
                 samples=r.ours.samples_ms,
-                params={**params, "iqr_ms": r.ours.iqr_ms, "first_call_ms": r.ours.first_call_ms},
+                params={
+                    **params,
+                    "iqr_ms": r.ours.iqr_ms,
+                    "min_ms": r.ours.min_ms,
+                    "max_ms": r.ours.max_ms,
+                    "first_call_ms": r.ours.first_call_ms,
+                },
             )
             yield self._row(
                 f"{prefix}.torch_ms",
                 r.torch.median_ms,
                 "ms",
                 samples=r.torch.samples_ms,
-                params={**params, "iqr_ms": r.torch.iqr_ms},
+                params={
+                    **params,
+                    "iqr_ms": r.torch.iqr_ms,
+                    "min_ms": r.torch.min_ms,
+                    "max_ms": r.torch.max_ms,
+                    "baseline": r.baseline,
+                },
             )
             yield self._row(f"{prefix}.ratio_vs_torch", r.ratio_vs_torch, "x", params=params)
             yield self._row(f"{prefix}.gbps", r.gbps, "GB/s", params=params)
@@ -591,25 +711,9 @@ class SuiteResult(BaseModel):
                 "copy_gbps": _r(self.peak.copy_gbps),
                 "matmul_tflops": {k: _r(v) for k, v in self.peak.matmul_tflops.items()},
             },
-            "ops": {
-                r.case.key: {
-                    "shape": r.case.shape_label,
-                    "ours_ms": _r(r.ours.median_ms),
-                    "ours_iqr_ms": _r(r.ours.iqr_ms),
-                    "torch_ms": _r(r.torch.median_ms),
-                    "ratio": _r(r.ratio_vs_torch),
-                    "gbps": _r(r.gbps),
-                    "tflops": _r(r.tflops),
-                    "pct_peak": _r(r.pct_of_peak),
-                    "bound": r.bound,
-                    "max_err": float(f"{r.max_abs_err:.3g}"),
-                    "extra_mb": None if r.extra_bytes is None else _r(r.extra_bytes / 2**20),
-                    "speedup_vs_cpu": None if r.speedup_vs_cpu is None else _r(r.speedup_vs_cpu),
-                    "target_ms": r.target_ms,
-                    "meets_target": r.meets_target,
-                }
-                for r in self.results
-            },
+            "ops": {r.case.key: _figures(r) for r in self.results},
+            "errors": [e.line() for e in self.errors],
+            "note": CPU_NOTE if self.device == "cpu" else None,
             "wall_s": _r(self.wall_s),
         }
 
@@ -619,7 +723,9 @@ class SuiteResult(BaseModel):
                 "op": r.case.key,
                 "shape": r.case.shape_label,
                 "ours_ms": r.ours.median_ms,
-                "iqr_ms": r.ours.iqr_ms,
+                "min_ms": r.ours.min_ms,
+                "max_ms": r.ours.max_ms,
+                "n": r.ours.n,
                 "torch_ms": r.torch.median_ms,
                 "ratio": r.ratio_vs_torch,
                 "GB/s": r.gbps,
@@ -628,6 +734,7 @@ class SuiteResult(BaseModel):
                 "max_err": r.max_abs_err,
                 "extra_MB": None if r.extra_bytes is None else r.extra_bytes / 2**20,
                 "vs_cpu": r.speedup_vs_cpu,
+                "path": r.path,
             }
             for r in self.results
         ]
@@ -671,8 +778,18 @@ def _extra_bytes(fn: Callable[[], Any], device: torch.device) -> int:
     return int(tracker.peak_bytes)
 
 
-def run_suite(config: BenchmarkConfig | None = None, **overrides: Any) -> SuiteResult:
-    """Run every case of ``config.sizes`` on ``config.device``; see the module docstring."""
+def run_suite(
+    config: BenchmarkConfig | None = None,
+    *,
+    on_result: Callable[[OpResult | CaseError], None] | None = None,
+    **overrides: Any,
+) -> SuiteResult:
+    """Run every case of ``config.sizes`` on ``config.device``; see the module docstring.
+
+    ``on_result`` is called with each case's result (or its `CaseError`) as soon as it is
+    measured, so a crash later in the run loses nothing already measured. A failing case
+    (an exception, a CUDA OOM) is recorded in ``errors`` and the next case runs.
+    """
     cfg = (config or BenchmarkConfig()).model_copy(update=overrides)
     started = time.perf_counter()
     device = resolve_device(cfg.device, fallback=cfg.fallback)
@@ -688,6 +805,7 @@ def run_suite(config: BenchmarkConfig | None = None, **overrides: Any) -> SuiteR
         timer = Timer(device)
         cpu_timer = Timer(torch.device("cpu"))
         results: list[OpResult] = []
+        errors: list[CaseError] = []
         for case in cases_for(cfg.sizes, device):
             if cfg.scale != 1.0:
                 case = case.model_copy(
@@ -701,7 +819,18 @@ def run_suite(config: BenchmarkConfig | None = None, **overrides: Any) -> SuiteR
             if cfg.ops and case.op not in cfg.ops and case.name not in cfg.ops:
                 continue
             log.info("benchmark %s %s on %s", case.key, case.shape_label, device)
-            results.append(_run_case(case, device, cfg, warmup, reps, timer, cpu_timer, peak))
+            item: OpResult | CaseError
+            try:
+                item = _run_case(case, device, cfg, warmup, reps, timer, cpu_timer, peak)
+                results.append(item)
+            except Exception as exc:  # recorded with its error; the other cases still run
+                item = _case_error(case, device, exc)
+                errors.append(item)
+                log.warning("benchmark %s failed: %s", case.key, item.error)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()  # a failed case's blocks must not starve the next
+            if on_result is not None:
+                on_result(item)
     finally:
         torch.set_num_threads(prev_threads)
     return SuiteResult(
@@ -721,7 +850,19 @@ def run_suite(config: BenchmarkConfig | None = None, **overrides: Any) -> SuiteR
             "cpu_reps": cfg.cpu_reps,
         },
         results=results,
+        errors=errors,
         wall_s=time.perf_counter() - started,
+    )
+
+
+def _case_error(case: OpCase, device: torch.device, exc: BaseException) -> CaseError:
+    message = str(exc).splitlines()[0] if str(exc) else ""
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    return CaseError(
+        case=case,
+        device=str(device),
+        error=f"{type(exc).__name__}: {message}",
+        traceback="\n".join(tb.splitlines()[-12:]),
     )
 
 
@@ -749,7 +890,9 @@ def _run_case(
     pct_flops = 100 * tflops / peak_flops
     notes: list[str] = []
     if device.type == "cpu" and bench.dtype != torch.float32:
-        notes.append("computed in float32 on the CPU")
+        notes.append("computed in float32 on the CPU, by ours and by the baseline alike")
+    if case.op == "matmul":
+        notes.append("ours is torch.mm, the baseline's kernel: the ratio shows the noise")
     cpu_t, speedup = None, None
     if device.type != "cpu" and cfg.cpu_baseline:
         # The fused kernel is GPU-only: the CPU does the same op its own (default) way.
@@ -762,11 +905,9 @@ def _run_case(
     ratio = statistics.median(
         o / t for o, t in zip(ours_t.samples_ms, torch_t.samples_ms, strict=True)
     )
-    meets = None
+    meets = None  # targets are GPU figures: a CPU run meets or misses none of them
     if target is not None:
         meets = ours_t.median_ms <= target["ms"] and extra <= target.get("extra_bytes", 1e30)
-    elif device.type == "cpu":
-        meets = ratio <= CPU_RATIO_TARGET
     result = OpResult(
         case=case,
         device=str(device),
@@ -790,6 +931,8 @@ def _run_case(
         target_ms=None if target is None else target["ms"],
         meets_target=meets,
         notes=notes,
+        path=bench.path(),
+        baseline=bench.baseline_label(),
     )
     del bench
     if device.type == "cuda":
@@ -803,8 +946,10 @@ def format_table(result: SuiteResult) -> str:
         "op",
         "shape",
         "ours ms",
-        "iqr",
+        "ours min-max",
         "torch ms",
+        "torch min-max",
+        "n",
         "ratio",
         "GB/s",
         "TFLOP/s",
@@ -820,8 +965,10 @@ def format_table(result: SuiteResult) -> str:
                 r.case.key,
                 r.case.shape_label,
                 f"{r.ours.median_ms:.4g}",
-                f"{r.ours.iqr_ms:.2g}",
+                f"{r.ours.min_ms:.4g}-{r.ours.max_ms:.4g}",
                 f"{r.torch.median_ms:.4g}",
+                f"{r.torch.min_ms:.4g}-{r.torch.max_ms:.4g}",
+                str(r.ours.n or len(r.ours.samples_ms)),
                 f"{r.ratio_vs_torch:.3f}",
                 f"{r.gbps:.4g}",
                 f"{r.tflops:.4g}",
@@ -835,6 +982,8 @@ def format_table(result: SuiteResult) -> str:
     lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))]
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
+    for e in result.errors:
+        lines.append(f"FAILED {e.case.key} {e.case.shape_label}: {e.error}")
     p = result.peak
     peaks = ", ".join(f"{k} {v:.3g}" for k, v in p.matmul_tflops.items())
     lines.append(
@@ -843,4 +992,10 @@ def format_table(result: SuiteResult) -> str:
         f"{' (cold L2)' if result.results and result.results[0].ours.cold else ' (warm)'}; "
         f"fingerprint {result.env_fingerprint}"
     )
+    lines.append(
+        "ours and the baseline: "
+        + "; ".join(f"{r.case.key}: {r.path} vs {r.baseline}" for r in result.results)
+    )
+    if result.device == "cpu":
+        lines.append(CPU_NOTE + ".")
     return "\n".join(lines)

@@ -7,11 +7,18 @@ back: CPU half matmuls are slow or unsupported, and fp32 accumulation is what GP
 
 `topk_cosine` never materializes the full queries x database score matrix: it scores the
 database in chunks sized to a byte budget, keeps each chunk's top-k, and merges them.
+Whatever precision the scores are computed in, the winners are those of `torch.topk` on
+float32 scores: low-precision scores only pick candidates, which are rescored in float32
+and certified against the rounding bound (see `_select_exact`).
+
+The Triton kernels need Triton >= 3.4 (`TRITON_MIN_VERSION`); below it, or without Triton,
+the torch path runs and `kernel_path()` / `TopKSearch.path` name it and why.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Callable
 from functools import lru_cache
@@ -103,20 +110,21 @@ def row_norms(x: torch.Tensor) -> torch.Tensor:
 def normalize_rows(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """Scale each row to unit length: ``x / max(||x||, eps)`` (as F.normalize).
 
-    On CUDA/ROCm with Triton this is one fused pass (read once, write once: the
+    On CUDA/ROCm with Triton >= 3.4 this is one fused pass (read once, write once: the
     bandwidth floor); elsewhere torch's two kernels (a norm reduction, then a divide).
+    `kernel_path("normalize", x.device)` says which one runs here, and why.
     """
     _check_matrix("x", x)
-    if x.device.type == "cuda" and x.shape[1] <= 16384 and _triton_usable():
+    if x.device.type == "cuda" and x.shape[1] <= _NORMALIZE_MAX_COLS and _triton_usable():
         try:
             return _normalize_rows_triton(x, eps)
         except torch.OutOfMemoryError:
             raise
-        except Exception as exc:  # a Triton that cannot compile here: eager, once warned
-            _TRITON_FAILED.append(f"{type(exc).__name__}: {exc}")
+        except Exception as exc:  # a Triton that cannot compile here: eager, named, warned
+            _TRITON_FAILED.append(f"{type(exc).__name__}: {exc}".splitlines()[0])
             log.warning(
                 "fused Triton normalization failed (%s); using torch ops from now on",
-                _TRITON_FAILED[-1].splitlines()[0],
+                _TRITON_FAILED[-1],
             )
     return _normalize_rows_eager(x, eps)
 
@@ -130,22 +138,74 @@ def _normalize_rows_eager(x: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.div(x, norm.clamp_min_(eps))
 
 
-_TRITON_FAILED: list[str] = []  # why the fused kernel was given up, if it was
+# --- Triton: the version floor and which path runs --------------------------------------
+
+# The kernels are built lazily as closures over `triton.language`; Triton < 3.4 cannot
+# compile them (and `torch>=2.4` admits Triton 3.0), so older ones are not used at all.
+TRITON_MIN_VERSION = (3, 4)
+_NORMALIZE_MAX_COLS = 16384  # one row per program block: wider rows do not fit registers
+_TRITON_FAILED: list[str] = []  # why a kernel was given up at run time, if one was
 
 
-def _triton_usable() -> bool:
-    return not _TRITON_FAILED and _triton_importable()
+class TritonStatus(NamedTuple):
+    usable: bool
+    version: str | None
+    reason: str  # "Triton 3.5.0", or why it is not used
+
+
+def _parse_version(v: str) -> tuple[int, ...]:
+    parts = []
+    for piece in v.split("+")[0].split(".")[:3]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
 
 
 @lru_cache(maxsize=1)
-def _triton_importable() -> bool:
+def triton_status() -> TritonStatus:
+    """Whether the Triton kernels can be used in this process, and why not if not."""
     if os.environ.get("DSPYFLOW_DISABLE_TRITON", "") not in ("", "0"):
-        return False
+        return TritonStatus(False, None, "disabled by DSPYFLOW_DISABLE_TRITON")
     try:
-        import triton  # noqa: F401  (ships with CUDA/ROCm builds of torch)
-    except Exception:
-        return False
-    return True
+        import triton  # ships with CUDA/ROCm builds of torch
+    except Exception as exc:
+        return TritonStatus(False, None, f"Triton not importable ({type(exc).__name__})")
+    version = str(getattr(triton, "__version__", "0"))
+    if _parse_version(version) < TRITON_MIN_VERSION:
+        floor = ".".join(map(str, TRITON_MIN_VERSION))
+        return TritonStatus(False, version, f"Triton {version} is older than {floor}")
+    return TritonStatus(True, version, f"Triton {version}")
+
+
+def _triton_usable() -> bool:
+    return not _TRITON_FAILED and triton_status().usable
+
+
+def _triton_importable() -> bool:  # kept for callers of the old name
+    return triton_status().usable
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def kernel_path(op: Literal["normalize", "fused_topk"], device: torch.device | str) -> str:
+    """The implementation `op` uses on ``device`` in this process, with the reason for a
+    fallback: recorded next to every benchmark figure, so no fallback is silent."""
+    dev = torch.device(device)
+    status = triton_status()
+    why = _TRITON_FAILED[-1] if _TRITON_FAILED else status.reason
+    if op == "normalize":
+        if dev.type != "cuda":
+            return f"torch ({dev.type})"
+        return "triton" if _triton_usable() else f"torch ({why})"
+    if op == "fused_topk":
+        if _interpreting() and status.usable:
+            return "triton-interpreter"
+        if dev.type == "cuda" and _triton_usable():
+            return "triton"
+        return f"unavailable ({why if dev.type == 'cuda' else 'needs CUDA'})"
+    raise ValueError(f"unknown op {op!r}; expected normalize or fused_topk")
 
 
 @lru_cache(maxsize=1)
@@ -213,136 +273,226 @@ def _normalize_rows_triton(x: torch.Tensor, eps: float) -> torch.Tensor:
     return out
 
 
+# --- fused top-k: one pass over the database, no score matrix ---------------------------
+
+# Grid limits of CUDA launches: axis 0 takes 2**31 - 1 blocks, axes 1 and 2 only 65,535.
+_GRID_AXIS0_MAX = 2**31 - 1
+# Queries are looped over inside the kernel and re-read from L2 by every program: this
+# many fp16 384-d queries (3 MB) stay in an H100's 50 MB L2 next to the streamed rows.
+FUSED_MAX_QUERIES = 4096
+_INTERPRET_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 32}  # small: the CPU interprets
+
+
 @lru_cache(maxsize=1)
 def _build_group_max_kernel() -> tuple[Any, Any]:
-    """A Triton GEMM whose epilogue keeps only the max of each group of `_GROUP` columns.
+    """A Triton GEMM whose epilogue keeps only the max of each group of `_GROUP` rows.
 
-    For the fused top-k: the q x N score matrix is never written (on an H100 that write
-    and its re-read cost as much as the GEMM itself); only q x N/32 float32 maxima are.
-    Returns (plain kernel, autotuned kernel). Checked here under TRITON_INTERPRET=1; its
-    speed is for a GPU run to establish (`selection="fused"` is opt-in until then).
+    One program owns BLOCK_N database rows and loops over every query inside the kernel, so
+    each database row is read from HBM once (one pass over the database: the bandwidth
+    floor) and the q x N score matrix is never written, only q x N/32 float32 maxima. The
+    database blocks sit on grid axis 0 (2**31 - 1 blocks: 20M rows need 78,125). ``K`` (the
+    feature size) and ``M_PAD`` (the query count rounded up, so few sizes compile) are
+    compile-time constants: Triton's interpreter then never turns a runtime scalar (a
+    1-element array) into a loop bound, which NumPy >= 2.4 refuses.
+    Returns (plain kernel, autotuned kernel).
     """
     import triton
     import triton.language as tl
 
     @triton.jit
-    def group_max_mm_kernel(
+    def group_max_kernel(
         q_ptr,
         db_ptr,
         out_ptr,
         M,
-        N,
-        K,
+        n_rows,
         n_groups,
         stride_qm,
-        stride_qk,
         stride_dn,
-        stride_dk,
         stride_om,
-        stride_og,
+        M_PAD: tl.constexpr,
+        K: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
         GROUP: tl.constexpr,
     ):
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        pid = tl.program_id(0)
+        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < n_rows
+        db_rows = offs_n.to(tl.int64) * stride_dn  # 20M x 384 offsets overflow int32
         offs_k = tl.arange(0, BLOCK_K)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            kk = k0 + offs_k
-            a = tl.load(
-                q_ptr + offs_m[:, None].to(tl.int64) * stride_qm + kk[None, :] * stride_qk,
-                mask=(offs_m[:, None] < M) & (kk[None, :] < K),
-                other=0.0,
+        offs_g = pid * (BLOCK_N // GROUP) + tl.arange(0, BLOCK_N // GROUP)
+        g_ok = offs_g < n_groups
+        for m0 in range(0, M_PAD, BLOCK_M):  # M_PAD >= M: compile-time trip count
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            m_ok = offs_m < M
+            q_rows = offs_m.to(tl.int64) * stride_qm
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                kk = k0 + offs_k
+                a = tl.load(
+                    q_ptr + q_rows[:, None] + kk[None, :],
+                    mask=m_ok[:, None] & (kk[None, :] < K),
+                    other=0.0,
+                )
+                # The same rows for every query block: after the first, L1/L2 hits.
+                b = tl.load(
+                    db_ptr + db_rows[None, :] + kk[:, None],
+                    mask=n_ok[None, :] & (kk[:, None] < K),
+                    other=0.0,
+                )
+                acc = tl.dot(a, b, acc)
+            acc = tl.where(n_ok[None, :], acc, float("-inf"))  # padding never wins
+            group_max = tl.max(tl.reshape(acc, (BLOCK_M, BLOCK_N // GROUP, GROUP)), axis=2)
+            tl.store(
+                out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_g[None, :],
+                group_max,
+                mask=m_ok[:, None] & g_ok[None, :],
             )
-            b = tl.load(
-                db_ptr + offs_n[None, :].to(tl.int64) * stride_dn + kk[:, None] * stride_dk,
-                mask=(offs_n[None, :] < N) & (kk[:, None] < K),
-                other=0.0,
-            )
-            acc = tl.dot(a, b, acc)
-        acc = tl.where(offs_n[None, :] < N, acc, float("-inf"))  # padding never wins
-        group_max = tl.max(tl.reshape(acc, (BLOCK_M, BLOCK_N // GROUP, GROUP)), axis=2)
-        offs_g = pid_n * (BLOCK_N // GROUP) + tl.arange(0, BLOCK_N // GROUP)
-        tl.store(
-            out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_g[None, :] * stride_og,
-            group_max,
-            mask=(offs_m[:, None] < M) & (offs_g[None, :] < n_groups),
-        )
 
     configs = [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64}, num_warps=w, num_stages=st)
-        for bm, bn, w, st in ((128, 256, 8, 3), (128, 128, 8, 4), (64, 256, 4, 4), (128, 128, 4, 3))
+        for bm, bn, w, st in ((128, 128, 8, 3), (64, 256, 8, 3), (128, 256, 8, 3), (64, 128, 4, 4))
     ]
-    tuned = triton.autotune(configs=configs, key=["K"])(group_max_mm_kernel)
-    return group_max_mm_kernel, tuned
+    tuned = triton.autotune(configs=configs, key=["M_PAD", "K"])(group_max_kernel)
+    return group_max_kernel, tuned
+
+
+def fused_grid(n_rows: int, block_n: int) -> tuple[int]:
+    """The fused kernel's launch grid: database blocks on axis 0 only (queries are looped
+    over inside the kernel), so any database that fits in memory launches."""
+    blocks = (n_rows + block_n - 1) // block_n
+    if blocks > _GRID_AXIS0_MAX:
+        raise ValueError(
+            f"fused top-k: {n_rows} rows in blocks of {block_n} need {blocks} blocks, more "
+            f"than a CUDA grid's {_GRID_AXIS0_MAX}; use chunk_rows to split the database"
+        )
+    return (blocks,)
 
 
 def _fused_usable(device: torch.device) -> bool:
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return _triton_importable()  # the CPU interpreter: for checking, not speed
+    if _interpreting():
+        return triton_status().usable  # the CPU interpreter: for checking, not speed
     return device.type == "cuda" and _triton_usable()
 
 
 def _group_max_scores(qn: torch.Tensor, chunk: torch.Tensor) -> torch.Tensor:
     """(q, ceil(c / _GROUP)) float32: the max cosine score in each group of chunk rows."""
     plain, tuned = _build_group_max_kernel()
+    qn = qn if qn.stride(1) == 1 else qn.contiguous()
+    chunk = chunk if chunk.stride(1) == 1 else chunk.contiguous()
     q, d = qn.shape
     c = chunk.shape[0]
     n_groups = (c + _GROUP - 1) // _GROUP
     out = torch.empty((q, n_groups), dtype=torch.float32, device=qn.device)
-    args = (
-        qn,
-        chunk,
-        out,
-        q,
-        c,
-        d,
-        n_groups,
-        qn.stride(0),
-        qn.stride(1),
-        chunk.stride(0),
-        chunk.stride(1),
-        out.stride(0),
-        out.stride(1),
-    )
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        grid = ((q + 15) // 16, (c + 63) // 64)
-        plain[grid](*args, BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, GROUP=_GROUP)
+    args = (qn, chunk, out, q, c, n_groups, qn.stride(0), chunk.stride(0), out.stride(0))
+    # Round the query count up (powers of two to 128, then multiples of 128): one compile
+    # serves many query-block sizes; the padding rows are masked.
+    m_pad = max(16, 1 << (q - 1).bit_length()) if q <= 128 else -(-q // 128) * 128
+    consts = {"M_PAD": m_pad, "K": d, "GROUP": _GROUP}
+    if _interpreting():
+        grid = fused_grid(c, _INTERPRET_BLOCKS["BLOCK_N"])
+        plain[grid](*args, **consts, **_INTERPRET_BLOCKS)
     else:
-
-        def grid(meta: dict[str, int]) -> tuple[int, int]:
-            return (
-                (q + meta["BLOCK_M"] - 1) // meta["BLOCK_M"],
-                (c + meta["BLOCK_N"] - 1) // meta["BLOCK_N"],
-            )
-
-        tuned[grid](*args, GROUP=_GROUP)
+        tuned[lambda meta: fused_grid(c, meta["BLOCK_N"])](*args, **consts)
     return out
 
 
-def _fused_topk(qn: torch.Tensor, chunk: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact top-k of qn @ chunk.T without the score matrix: the group maxima pick the k
-    best groups of rows, whose k x 32 scores are then computed exactly."""
-    q, d = qn.shape
-    c = chunk.shape[0]
+def _fused_topk(
+    qn: torch.Tensor, q32: torch.Tensor, chunk: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of q32 @ chunk.T without the score matrix: the kernel's float32 group maxima
+    (of the queries in their own dtype, ``qn``) pick candidate groups, whose rows are
+    rescored in float32 against the float32-normalized queries ``q32`` and certified."""
     group_max = _group_max_scores(qn, chunk)
-    kk = min(k, group_max.shape[1])
-    best = torch.topk(group_max, kk, dim=1, sorted=False).indices
-    cols = (best.unsqueeze(2) * _GROUP + torch.arange(_GROUP, device=qn.device)).reshape(q, -1)
-    valid = cols < c
-    cols = cols.clamp_max_(c - 1)
-    scores = torch.empty(cols.shape, dtype=qn.dtype, device=qn.device)
-    step = max(1, _RESCORE_BYTES // (cols.shape[1] * d * qn.element_size()))
-    for s in range(0, q, step):  # gathered rows in query blocks: bounded memory
-        rows = chunk[cols[s : s + step]]  # (b, kk * 32, d)
-        scores[s : s + step] = torch.bmm(rows, qn[s : s + step].unsqueeze(2)).squeeze(2)
-    scores.masked_fill_(~valid, float("-inf"))
-    vals, pos = torch.topk(scores, min(k, c), dim=1, sorted=False)
-    return vals, torch.gather(cols, 1, pos)
+    return _select_exact(q32, chunk, group_max, _GROUP, k, _score_error(qn.dtype, qn.shape[1], 0))
+
+
+# --- exact selection from low-precision scores -------------------------------------------
+
+
+_UNIT_ROUNDING = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8, torch.float32: 2.0**-24}
+
+
+def _score_error(dtype: torch.dtype, dim: int, output_roundings: int = 1) -> float:
+    """A bound on |score from ``dtype`` queries/output - float32 score| for unit rows.
+
+    Terms: the queries normalized in ``dtype`` (each element off by at most u relative, so
+    the score by at most u), the score rounded to ``dtype`` (half an ulp below 2: 2u each,
+    doubled for safety), and float32 sums in another order (~d * 2**-24, taken 8x).
+    """
+    u = _UNIT_ROUNDING.get(dtype, 0.0)
+    return u + output_roundings * 4 * u + dim * 2.0**-21
+
+
+def _rescore(
+    qn: torch.Tensor, chunk: torch.Tensor, cols: torch.Tensor, normalize: bool = False
+) -> torch.Tensor:
+    """float32 scores of query i against chunk rows cols[i]: (q, m). Query blocks keep the
+    gathered rows (and their float32 copy) under `_RESCORE_BYTES`. ``normalize``: the rows
+    are raw, normalized here in float32 (not first rounded to a half type)."""
+    q, m = cols.shape
+    d = qn.shape[1]
+    scores = torch.empty((q, m), dtype=torch.float32, device=qn.device)
+    per_query = m * d * (chunk.element_size() + 4)
+    step = max(1, _RESCORE_BYTES // max(1, per_query))
+    for s in range(0, q, step):
+        rows = chunk[cols[s : s + step]].float()  # (b, m, d)
+        if normalize:
+            rows = rows / torch.linalg.vector_norm(rows, dim=2, keepdim=True).clamp_min_(1e-12)
+        qs = qn[s : s + step].float().unsqueeze(2)  # (b, d, 1)
+        scores[s : s + step] = torch.bmm(rows, qs).squeeze(2)
+    return scores
+
+
+_MARGIN_UNITS = 2  # candidates beyond k: most rows are certified on the first try
+
+
+def _select_exact(
+    q32: torch.Tensor,
+    chunk: torch.Tensor,
+    unit_scores: torch.Tensor,
+    group: int,
+    k: int,
+    err: float,
+    normalize: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top-k of each float32 query ``q32`` over ``chunk``, from low-precision unit scores.
+
+    ``unit_scores`` (q, units) holds, per unit of ``group`` consecutive rows, an upper
+    estimate of its best score within ``err`` of float32 (the max of a group, or a score
+    itself when group = 1). The best k + margin units are rescored in float32; a query is
+    certified when its k-th float32 score exceeds the best excluded unit's estimate + err,
+    so nothing left out can beat it. Uncertified queries retry with 4x the units (at worst
+    all of them). ``normalize``: ``chunk`` holds raw rows (see `_rescore`). Returns
+    float32 values (best first) and chunk row numbers.
+    """
+    q, units = unit_scores.shape
+    c = chunk.shape[0]
+    out_v = torch.empty((q, k), dtype=torch.float32, device=q32.device)
+    out_i = torch.empty((q, k), dtype=torch.int64, device=q32.device)
+    rows = torch.arange(q, device=q32.device)
+    count = min(units, -(-k // group) + _MARGIN_UNITS + k // 8)
+    offsets = torch.arange(group, device=q32.device)
+    while rows.numel():
+        us = unit_scores if rows.numel() == q else unit_scores[rows]
+        top_u, top_idx = torch.topk(us, count, dim=1, sorted=False)
+        cols = (top_idx.unsqueeze(2) * group + offsets).reshape(rows.numel(), -1)
+        valid = cols < c
+        cols = cols.clamp_max_(c - 1)
+        scores = _rescore(q32[rows], chunk, cols, normalize).masked_fill_(~valid, float("-inf"))
+        vals, pos = torch.topk(scores, k, dim=1)  # sorted: vals[:, -1] is the k-th
+        idx = torch.gather(cols, 1, pos)
+        if count >= units:
+            done = torch.ones(rows.numel(), dtype=torch.bool, device=q32.device)
+        else:  # every unit left out scores at most the smallest one kept
+            done = vals[:, -1] > top_u.amin(dim=1).float() + err
+        out_v[rows[done]] = vals[done]
+        out_i[rows[done]] = idx[done]
+        rows = rows[~done]
+        count = min(units, count * 4)
+    return out_v, out_i
 
 
 # --- distances and similarities -------------------------------------------------------
@@ -352,6 +502,30 @@ def _pad_features(n: int) -> int:
     return (n + 7) // 8 * 8
 
 
+def _uses_half_gemm(dtype: torch.dtype, device: torch.device) -> bool:
+    """Half inputs on a GPU stay half: the GEMM runs on tensor cores (fp32 accumulate)."""
+    return dtype in _HALF and device.type == "cuda"
+
+
+def pairwise_l2_bytes(n: int, m: int, d: int, dtype: torch.dtype, device: torch.device) -> int:
+    """Memory `pairwise_l2` holds at its peak for (n, d) x (m, d): output + working copies."""
+    e = torch.empty((), dtype=dtype).element_size()
+    if _uses_half_gemm(dtype, device):
+        return n * m * e + (n + m) * _pad_features(d + 4) * e
+    converted = dtype != torch.float32
+    work = (n + m) * (d + 2 + 8) * 4 + (n + m) * d * 4 * converted
+    return n * m * 4 + n * m * e * converted + work
+
+
+def _available_bytes(device: torch.device) -> tuple[int, str]:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free), "free GPU memory"
+    import psutil
+
+    return int(psutil.virtual_memory().available), "available RAM"
+
+
 def pairwise_l2(
     x: torch.Tensor,
     y: torch.Tensor | None = None,
@@ -359,39 +533,57 @@ def pairwise_l2(
     squared: bool = False,
     allow_tf32: bool = False,
     block_bytes: int | None = None,
+    max_bytes: int | None = None,
 ) -> torch.Tensor:
     """Euclidean distances between the rows of x (n, d) and y (m, d): shape (n, m).
 
     Computed as ``||x||^2 + ||y||^2 - 2 x.y`` in ONE matmul on augmented rows
     ``[-2x, ||x||^2, 1] . [y, 1, ||y||^2]`` (no separate broadcast passes over the n x m
     result), clamped at 0 (rounding can make it slightly negative), then square-rooted.
-    On GPUs the output is produced in row blocks of ``block_bytes`` (default 16 MB) so the
-    clamp and sqrt read each block from L2 rather than HBM. ``allow_tf32`` trades ~3
-    decimal digits for ~8x matmul speed on Ampere+ (off by default). The result has the
-    inputs' dtype.
+
+    float16/bfloat16 on a GPU stay in their dtype, on tensor cores with float32
+    accumulation (`_pairwise_l2_half`); on the CPU they are computed in float32. float32
+    on GPUs is produced in row blocks of ``block_bytes`` (default 16 MB) so the clamp and
+    sqrt read each block from L2 rather than HBM; ``allow_tf32`` trades ~3 decimal digits
+    for ~8x matmul speed on Ampere+ (off by default). The result has the inputs' dtype.
+
+    Memory cap: when the output plus working copies (`pairwise_l2_bytes`) exceed
+    ``max_bytes`` (default: the device's free memory) it raises `ValueError` naming the
+    sizes, instead of failing inside an allocation.
     """
     y = x if y is None else y
     _check_pair("x", x, "y", y)
-    # Half inputs are computed in float32 on every device: ||x||^2 overflows float16 at
+    n, d = x.shape
+    m = y.shape[0]
+    need = pairwise_l2_bytes(n, m, d, x.dtype, x.device)
+    cap, source = (max_bytes, "max_bytes") if max_bytes is not None else _available_bytes(x.device)
+    if need > cap:
+        out_mib = n * m * x.element_size() / 2**20
+        raise ValueError(
+            f"pairwise_l2: {n} x {m} distances in {x.dtype} need {need / 2**20:.1f} MiB "
+            f"({out_mib:.1f} MiB output + working copies), more than {source} "
+            f"({cap / 2**20:.1f} MiB); compute it in row blocks (pairwise_l2(x[i:j], y))"
+        )
+    if _uses_half_gemm(x.dtype, x.device):
+        return _pairwise_l2_half(x, y, squared=squared)
+    # float32, or half on the CPU (computed in float32): ||x||^2 overflows float16 at
     # |x| > 256, and the cancellation in ||x||^2 + ||y||^2 - 2x.y needs > 11 mantissa bits.
-    cd = torch.float32 if x.dtype in _HALF else x.dtype
+    cd = torch.float32
     xa, ya = (x, y) if cd == x.dtype else (x.to(cd), y.to(cd))
-    n, d = xa.shape
-    m = ya.shape[0]
-    # Built with cat of contiguous pieces (strided column writes are slow on CPUs); norms
-    # accumulate in float32 even for half inputs.
-    x_sq = xa.pow(2).sum(dim=1, keepdim=True, dtype=torch.float32)
-    y_sq = ya.pow(2).sum(dim=1, keepdim=True, dtype=torch.float32)
+    # Built with cat of contiguous pieces (strided column writes are slow on CPUs).
+    x_sq = xa.pow(2).sum(dim=1, keepdim=True)
+    y_sq = ya.pow(2).sum(dim=1, keepdim=True)
     ones_x = torch.ones((n, 1), dtype=cd, device=x.device)
     ones_y = torch.ones((m, 1), dtype=cd, device=x.device)
-    x_parts = [xa.mul(-2), x_sq.to(cd), ones_x]
-    y_parts = [ya, ones_y, y_sq.to(cd)]
+    x_parts = [xa.mul(-2), x_sq, ones_x]
+    y_parts = [ya, ones_y, y_sq]
     pad = _pad_features(d + 2) - (d + 2) if x.device.type == "cuda" else 0
     if pad:  # tensor-core GEMMs want the reduction dimension a multiple of 8
         x_parts.append(torch.zeros((n, pad), dtype=cd, device=x.device))
         y_parts.append(torch.zeros((m, pad), dtype=cd, device=x.device))
     x_aug = torch.cat(x_parts, dim=1)
     y_aug = torch.cat(y_parts, dim=1)
+    del xa, ya, x_parts, y_parts
     out = torch.empty((n, m), dtype=cd, device=x.device)
     if block_bytes is None:
         block_bytes = 16 * 1024**2 if x.device.type == "cuda" else 1 << 62
@@ -404,6 +596,55 @@ def pairwise_l2(
             if not squared:
                 block.sqrt_()
     return out if cd == x.dtype else out.to(x.dtype)
+
+
+def _pairwise_l2_half(x: torch.Tensor, y: torch.Tensor, *, squared: bool) -> torch.Tensor:
+    """Half-precision L2 as one tensor-core GEMM into the half output, then clamp and sqrt.
+
+    The GEMM accumulates ``-2x.y + ||x||^2 + ||y||^2`` in float32, so the cancellation
+    happens at float32 precision and the result is rounded to half once. The squared
+    norms enter as two half columns each (hi + lo: ~22 bits, not 11). Inputs are scaled by
+    a power of two (exact) so norms and distances stay inside float16's range.
+    """
+    n, d = x.shape
+    m = y.shape[0]
+    dt = x.dtype
+    x_sq = torch.linalg.vector_norm(x, dim=1, dtype=torch.float32).square_()
+    y_sq = x_sq if y is x else torch.linalg.vector_norm(y, dim=1, dtype=torch.float32).square_()
+    # Norms <= 64 after scaling: norms^2 <= 4096 and distances^2 <= 16384 fit float16.
+    biggest = float(torch.maximum(x_sq.max(), y_sq.max()).sqrt())  # one sync: a scalar
+    scale = (
+        2.0 ** math.ceil(math.log2(biggest / 64))
+        if math.isfinite(biggest) and biggest > 64
+        else 1.0
+    )
+    inv2 = 1.0 / (scale * scale)
+
+    def split(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        v = v * inv2
+        hi = v.to(dt)
+        return hi.unsqueeze(1), (v - hi.float()).to(dt).unsqueeze(1)
+
+    x_hi, x_lo = split(x_sq)
+    y_hi, y_lo = split(y_sq)
+    pad = _pad_features(d + 4) - (d + 4)
+    ones_x = torch.ones((n, 2), dtype=dt, device=x.device)
+    ones_y = torch.ones((m, 2), dtype=dt, device=x.device)
+    x_aug = torch.cat(
+        [x * (-2.0 / scale), x_hi, x_lo, ones_x, torch.zeros((n, pad), dtype=dt, device=x.device)],
+        dim=1,
+    )
+    y_aug = torch.cat(
+        [y * (1.0 / scale), ones_y, y_hi, y_lo, torch.zeros((m, pad), dtype=dt, device=x.device)],
+        dim=1,
+    )
+    out = torch.mm(x_aug, y_aug.T)  # fp32 accumulate on tensor cores, rounded to half once
+    del x_aug, y_aug
+    out.clamp_min_(0)
+    if squared:
+        return out.mul_(scale * scale) if scale != 1.0 else out
+    out.sqrt_()
+    return out.mul_(scale) if scale != 1.0 else out
 
 
 class tf32_enabled:
@@ -475,6 +716,9 @@ class TopKSearch(BaseModel):
     halvings: int
     planned_extra_bytes: int  # the plan's bound on extra memory at the start
     selection: str
+    # How the winners were found: the selection, the score precision, and for the fused
+    # kernel where it ran ("triton" or "triton-interpreter"). Never a silent fallback.
+    path: str = ""
 
 
 Selection = Literal["auto", "topk", "grouped", "fused"]
@@ -515,14 +759,20 @@ def plan_topk(
         # a single partial sort and faster than amax + gather (measured on 2 cores).
         selection = "grouped" if device.type == "cuda" and k <= 64 else "topk"
     budget = max_bytes * 0.9  # headroom for what torch allocates inside the ops
-    qb = n_queries
+    # The fused kernel re-reads every query from L2 in each program: keep them in L2.
+    qb = min(n_queries, FUSED_MAX_QUERIES) if selection == "fused" else n_queries
+    # Half scores (CUDA) pick candidates that are rescored in float32 (`_select_exact`).
+    rescored = selection == "fused" or cd in _HALF
     while True:
         query_bytes = 2 * qb * dim * sb  # the query block and its normalized copy
+        query_bytes += 2 * qb * dim * 4 if rescored and sb != 4 else 0  # + float32 ones
         cand_bytes = qb * k * (sb + 8) * (_MERGE_EVERY + 2)
         per_row = copies * (dim * sb + 4)
-        if selection == "fused":  # no score block: float32 group maxima, then a rescore
+        if rescored:  # gathered rows + candidate columns, scores and masks
+            units = k + _MARGIN_UNITS + k // 8
+            cand_bytes += _RESCORE_BYTES + qb * units * _GROUP * (8 + 4 + 1) + qb * k * 12
+        if selection == "fused":  # no score block: float32 group maxima only
             per_row += qb * 4 / _GROUP
-            cand_bytes += _RESCORE_BYTES + qb * k * _GROUP * (8 + sb + 1)
         else:
             per_row += qb * sb
         if selection == "grouped":
@@ -543,7 +793,7 @@ def plan_topk(
         )
     if rows >= n_rows:
         rows = n_rows
-    elif selection in ("grouped", "fused") and rows >= _GROUP:
+    if rows < n_rows and selection in ("grouped", "fused") and rows >= _GROUP:
         rows = rows // _GROUP * _GROUP
     extra = int(query_bytes + cand_bytes + per_row * rows)
     return TopKPlan(query_block=qb, chunk_rows=rows, extra_bytes=extra, selection=selection)
@@ -567,6 +817,16 @@ def _grouped_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
     cand = torch.gather(scores, 1, cols)
     vals, pos = torch.topk(cand, k, dim=1, sorted=False)
     return vals, torch.gather(cols, 1, pos)
+
+
+def _group_maxima(scores: torch.Tensor) -> torch.Tensor:
+    """(q, ceil(c / _GROUP)): the max of each group of columns, the ragged tail included."""
+    q, c = scores.shape
+    m = c // _GROUP
+    maxima = scores[:, : m * _GROUP].reshape(q, m, _GROUP).amax(dim=2)
+    if m * _GROUP < c:
+        maxima = torch.cat([maxima, scores[:, m * _GROUP :].amax(dim=1, keepdim=True)], dim=1)
+    return maxima
 
 
 def _merge(
@@ -614,8 +874,9 @@ def topk_cosine_search(
     ):
         raise ValueError(
             "selection='fused' needs normalized=True, float16/bfloat16 inputs and a "
-            f"CUDA device with Triton; got normalized={normalized}, {queries.dtype} "
-            f"on {device}"
+            f"CUDA device with Triton >= {'.'.join(map(str, TRITON_MIN_VERSION))}; got "
+            f"normalized={normalized}, {queries.dtype} on {device}, fused kernel "
+            f"{kernel_path('fused_topk', device)}"
         )
     plan = plan_topk(
         queries.shape[0],
@@ -634,8 +895,15 @@ def topk_cosine_search(
     out_i: list[torch.Tensor] = []
     halvings, chunks, final_chunk = 0, 0, plan.chunk_rows
     for q0 in range(0, queries.shape[0], plan.query_block):
-        qn = normalize_rows(queries[q0 : q0 + plan.query_block].to(cd))
-        run = _search_block(qn, database, k, cd, normalized, plan, fault)
+        block = queries[q0 : q0 + plan.query_block]
+        qn = normalize_rows(block.to(cd))
+        # Candidates picked in a half dtype are rescored against float32 queries: the
+        # winners are those of float32 scores of the inputs as given.
+        rescored = plan.selection == "fused" or cd in _HALF
+        q32 = (
+            (qn if qn.dtype == torch.float32 else normalize_rows(block.float())) if rescored else qn
+        )
+        run = _search_block(qn, q32, database, k, cd, normalized, plan, fault)
         vals = [v for v, _ in run.outputs]
         idx = [i for _, i in run.outputs]
         top_v, top_i = _merge(vals, idx, k)
@@ -656,11 +924,22 @@ def topk_cosine_search(
         halvings=halvings,
         planned_extra_bytes=plan.extra_bytes,
         selection=plan.selection,
+        path=_path_name(plan.selection, cd, device),
     )
+
+
+def _path_name(selection: str, cd: torch.dtype, device: torch.device) -> str:
+    short = str(cd).removeprefix("torch.")
+    if selection == "fused":
+        return f"fused ({kernel_path('fused_topk', device)}); float32 group maxima, float32 rescore"
+    if cd in _HALF:
+        return f"{selection}; {short} scores pick candidates, float32 rescore"
+    return f"{selection}; {short} scores"
 
 
 def _search_block(
     qn: torch.Tensor,
+    q32: torch.Tensor,
     database: torch.Tensor,
     k: int,
     cd: torch.dtype,
@@ -673,13 +952,13 @@ def _search_block(
 
     def score_chunk(start: int, stop: int) -> None:
         c = stop - start
-        chunk = database[start:stop]
+        raw = chunk = database[start:stop]
         if chunk.dtype != cd:
             chunk = chunk.to(cd)
         if not normalized:
             chunk = normalize_rows(chunk)
         if plan.selection == "fused":
-            v, i = _fused_topk(qn, chunk, k)
+            v, i = _fused_topk(qn, q32, chunk, min(k, c))
             _commit(v, i, start)
             return
         buf = state["buf"]
@@ -689,7 +968,17 @@ def _search_block(
         # Reuse one score buffer for every chunk: no allocation (or page faults) per chunk.
         scores = torch.mm(qn, chunk.T, out=buf[: q * c].view(q, c))
         kk = min(k, c)
-        if plan.selection == "grouped" and c // _GROUP >= 4 * kk:
+        grouped = plan.selection == "grouped" and c // _GROUP >= 4 * kk
+        if cd in _HALF:
+            # Half scores only pick candidates: the winners are decided in float32.
+            # Rows normalized in the half type are off by one more rounding: rescore the raw
+            # rows, normalized in float32 (the winners of the inputs as given).
+            err = _score_error(cd, qn.shape[1]) + (0.0 if normalized else _UNIT_ROUNDING[cd])
+            units = _group_maxima(scores) if grouped else scores
+            v, i = _select_exact(
+                q32, raw, units, _GROUP if grouped else 1, kk, err, normalize=not normalized
+            )
+        elif grouped:
             v, i = _grouped_topk(scores, kk)
         else:
             v, i = torch.topk(scores, kk, dim=1, sorted=False)
