@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import dspy
 from prefect import task
@@ -51,6 +52,7 @@ from tasks.thread_safety import guard_tqdm_registry
 logger = logging.getLogger("dspyflow.batch")
 guard_tqdm_registry()  # concurrent cycles: DSPy clears tqdm's registry without its lock
 
+_DASK_SCHEMES = {"tcp", "tls", "ucx", "ws", "wss"}
 OPTIMIZATION_TAG = "optimization"  # `prefect concurrency-limit create optimization N` caps it
 
 
@@ -91,11 +93,36 @@ class BatchOptions(BaseModel):
 
     @model_validator(mode="after")
     def _dask_needs_shared_limits(self) -> BatchOptions:
-        local_limit = self.lm_rps or self.lm_tokens_per_min
-        if self.task_runner == "dask" and local_limit and not self.prefect_rate_limit:
+        if self.dask_address is not None:
+            if self.task_runner != "dask":
+                raise ValueError(
+                    "dask_address is for task_runner=dask: add --task-runner dask, or drop "
+                    "--dask-address to run in this process"
+                )
+            parts = urlsplit(self.dask_address)
+            try:
+                port = parts.port
+            except ValueError:
+                port = None
+            if parts.scheme not in _DASK_SCHEMES or not parts.hostname or port is None:
+                raise ValueError(
+                    f"dask_address {self.dask_address!r} is not a scheduler address: "
+                    "use tcp://HOST:PORT (e.g. tcp://scheduler:8786)"
+                )
+        if self.task_runner != "dask":
+            return self
+        if self.lm_rps and not self.prefect_rate_limit:
             raise ValueError(
-                "task_runner=dask runs cycles in other processes: an in-process LM rate "
-                "limit cannot be shared there; set prefect_rate_limit as well"
+                "task_runner=dask runs cycles in other processes, each of which would get "
+                "its own copy of the in-process LM rate limit (N processes, N x lm_rps); "
+                "add prefect_rate_limit (--prefect-rate-limit NAME) to share lm_rps "
+                "through the Prefect server, or use task_runner=threads"
+            )
+        if self.lm_tokens_per_min:
+            raise ValueError(
+                "lm_tokens_per_min (--lm-tpm) is enforced in one process only and cannot "
+                "be shared across Dask workers; drop it and limit requests/s with "
+                "--lm-rps and --prefect-rate-limit, or use task_runner=threads"
             )
         return self
 
@@ -188,12 +215,21 @@ def run_cycle_job(
     database_url: str,
     limiter: RateLimiter | None = None,
     flow_run_id: str | None = None,
+    reclaim: bool = False,
 ) -> str:
     """One queued job, start to terminal state; returns the state. Plain function (the
-    bare-executor baseline of benchmarks/concurrency.py runs exactly this)."""
+    bare-executor baseline of benchmarks/concurrency.py runs exactly this).
+
+    `reclaim` (the Dask runner): this may be a second execution of the job, the runner's
+    answer to losing the worker process of the first; a row left `running` by that dead
+    process is marked stale and re-queued so this execution claims it (attempt 2)."""
     from tasks.cycle_timer import PER_CYCLE_ARTIFACTS
 
     repo = repository_for(database_url)
+    if reclaim:
+        from tasks.cluster import reclaim_orphaned_run
+
+        reclaim_orphaned_run(repo, run_id, worker_name())
     # The batch publishes one summary artifact, not one progress artifact per cycle.
     token = PER_CYCLE_ARTIFACTS.set(False)
     try:
@@ -222,9 +258,10 @@ def run_cycle(
     database_url: str,
     limiter: RateLimiter | None = None,
     flow_run_id: str | None = None,
+    reclaim: bool = False,
 ) -> str:
     """One optimization cycle as one Prefect task run (the budget is enforced inside)."""
-    return run_cycle_job(spec, run_id, database_url, limiter, flow_run_id)
+    return run_cycle_job(spec, run_id, database_url, limiter, flow_run_id, reclaim)
 
 
 # --- the dispatcher ---------------------------------------------------------------------
@@ -309,6 +346,14 @@ def run_batch(
     earlier batch's stale runs."""
     if not specs:
         raise ValueError("a batch needs at least one job")
+    from tasks.cluster import check_cluster_setup
+
+    # Workers in other processes that cannot report or record: refused before any write.
+    cluster = check_cluster_setup(options, database_url)
+    in_flight = options.in_flight_cap
+    if cluster is not None:
+        # More in flight than the cluster's threads would queue jobs inside Dask.
+        in_flight = min(in_flight, cluster.threads)
     repo = repository_for(database_url)
     if on_start is not None:
         on_start(repo)
@@ -318,7 +363,7 @@ def run_batch(
     limiter, local_bucket = build_limiter(options)
     queue: JobQueue[CycleSpec] = JobQueue(
         options.capacity,
-        max_concurrent=options.in_flight_cap,
+        max_concurrent=in_flight,
         backpressure=options.backpressure,
     )
     keeper = _QueuedKeeper(repo, batch_id)
@@ -408,6 +453,7 @@ def _dispatch(
                 "database_url": database_url,
                 "limiter": limiter,
                 "flow_run_id": flow_run_id,
+                "reclaim": options.task_runner == "dask",
             }
             try:
                 future = runner.submit(cycle_task, parameters=params)
@@ -439,14 +485,21 @@ def _note_crash(future: Any, run_id: str, crashed: dict[str, str]) -> None:
 def _fail_unfinished(repo: Repository, batch_id: str, crashed: dict[str, str]) -> None:
     """A job whose task run died before it recorded a terminal state is not lost: fail it.
     Queued rows were never claimed (an operator may fail them); a running row is failed
-    with the lease it holds, and only if this process claimed it: a row another process
-    claimed is that process's to finish."""
+    with the lease it holds if this process claimed it. A row another process (a Dask
+    worker) still holds when every task run has ended was left by a process the runner
+    gave up on: it becomes `stale` with the reason (a worker that is in fact alive finds
+    its lease gone and keeps its best program on the stale row)."""
     me = worker_name()
     for state in (RunState.queued, RunState.running):
         for run in repo.list_runs(batch_id=batch_id, state=state.value, limit=None):
-            if state is RunState.running and run.worker != me:
-                continue
             reason = crashed.get(run.id, "the task run ended without a terminal state")
+            if state is RunState.running and run.worker != me:
+                repo.mark_worker_gone(
+                    run.id,
+                    worker=run.worker or "",
+                    reason=f"lost by the runner: {reason}; held by {run.worker}"[:2000],
+                )
+                continue
             repo.finish_run(
                 run.id,
                 RunState.failed,

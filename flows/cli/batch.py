@@ -2,6 +2,7 @@
 
     dspyflow batch jobs.jsonl --workers 64 --lm-rps 50
     dspyflow batch --generate 1000 --lm sim --sim-latency-ms 20 --sim-error-rate 0.05
+    dspyflow batch jobs.jsonl --task-runner dask --dask-address tcp://scheduler:8786
 
 A jobs file is checked whole before anything is written: bad lines are listed with their
 line numbers and nothing runs (`--skip-invalid` runs the valid ones and reports the rest).
@@ -34,7 +35,9 @@ def batch(
     sim_permanent_error_rate: float = typer.Option(0.0, help="Generated sim jobs: HTTP 400 rate."),
     lm_calls: int = typer.Option(10, help="Generated jobs: LM calls per job (even, >= 4)."),
     priorities: str = typer.Option("0", help="Generated jobs: priorities to cycle, e.g. 0,1,2."),
-    workers: int = typer.Option(64, help="Task-runner threads."),
+    workers: int = typer.Option(
+        64, help="Task-runner threads, or Dask task slots (at most the cluster's threads)."
+    ),
     max_concurrent: int = typer.Option(500, help="Cap on cycles in flight."),
     capacity: int = typer.Option(2000, help="Queue capacity (backpressure from 90 %)."),
     backpressure: str = typer.Option("refuse", help="refuse or defer jobs above 90 %."),
@@ -42,6 +45,15 @@ def batch(
     lm_tpm: float = typer.Option(None, help="LM prompt tokens/min shared by all cycles."),
     prefect_rate_limit: str = typer.Option(
         None, help="Prefect global rate limit name, to share --lm-rps across processes."
+    ),
+    task_runner: str = typer.Option(
+        "threads",
+        help="threads (this process) or dask (the cluster at --dask-address).",
+    ),
+    dask_address: str = typer.Option(
+        None,
+        help="Dask scheduler, tcp://HOST:PORT; needs PREFECT_API_URL and a PostgreSQL "
+        "DSPYFLOW_DATABASE_URL (docs/operations.md, 'A cluster').",
     ),
     skip_invalid: bool = typer.Option(
         False, help="Run the valid lines of a jobs file and report the bad ones."
@@ -68,6 +80,8 @@ def batch(
             lm_rps=lm_rps,
             lm_tokens_per_min=lm_tpm,
             prefect_rate_limit=prefect_rate_limit,
+            task_runner=task_runner,  # type: ignore[arg-type]
+            dask_address=dask_address,
         )
         jobs: Any
         if jobs_file is not None:
@@ -84,6 +98,13 @@ def batch(
                 priorities=_priorities(priorities),
             )
 
+        # Workers in other processes: a reachable Prefect server and a shared results
+        # database, checked with the workers themselves, before the temporary server
+        # below would stand in for a missing PREFECT_API_URL.
+        from storage.db import database_url
+        from tasks.cluster import check_cluster_setup
+
+        check_cluster_setup(options, database_url())
         open_repository()  # reachable, at the current schema, dead runs marked
 
     from flows.optimization import optimization_batch, run_optimization_batch
@@ -99,6 +120,8 @@ def batch(
             lm_rps=options.lm_rps,
             lm_tokens_per_min=options.lm_tokens_per_min,
             prefect_rate_limit=options.prefect_rate_limit,
+            task_runner=options.task_runner,
+            dask_address=options.dask_address,
             skip_invalid=skip_invalid,
         )
     if fmt is OutputFormat.json:
