@@ -124,6 +124,8 @@ def cases_for(sizes: Sizes, device: torch.device) -> list[OpCase]:
                 shape={"n": 8192, "m": 8192, "d": 384},
                 variant="tf32",
             ),
+            # Half inputs stay half: one tensor-core GEMM with float32 accumulation.
+            OpCase(op="pairwise_l2", dtype="float16", shape={"n": 8192, "m": 8192, "d": 384}),
             OpCase(
                 op="topk_cosine",
                 dtype="float16",
