@@ -400,13 +400,14 @@ def _group_max_scores(qn: torch.Tensor, chunk: torch.Tensor) -> torch.Tensor:
 
 
 def _fused_topk(
-    qn: torch.Tensor, q32: torch.Tensor, chunk: torch.Tensor, k: int
+    qn: torch.Tensor, q32: torch.Tensor, chunk: torch.Tensor, k: int, budget: int = _RESCORE_BYTES
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k of q32 @ chunk.T without the score matrix: the kernel's float32 group maxima
     (of the queries in their own dtype, ``qn``) pick candidate groups, whose rows are
     rescored in float32 against the float32-normalized queries ``q32`` and certified."""
     group_max = _group_max_scores(qn, chunk)
-    return _select_exact(q32, chunk, group_max, _GROUP, k, _score_error(qn.dtype, qn.shape[1], 0))
+    err = _score_error(qn.dtype, qn.shape[1], 0)
+    return _select_exact(q32, chunk, group_max, _GROUP, k, err, budget=budget)
 
 
 # --- exact selection from low-precision scores -------------------------------------------
@@ -427,23 +428,80 @@ def _score_error(dtype: torch.dtype, dim: int, output_roundings: int = 1) -> flo
 
 
 def _rescore(
-    qn: torch.Tensor, chunk: torch.Tensor, cols: torch.Tensor, normalize: bool = False
+    q32: torch.Tensor,
+    chunk: torch.Tensor,
+    cols: torch.Tensor,
+    normalize: bool = False,
+    budget: int = _RESCORE_BYTES,
 ) -> torch.Tensor:
     """float32 scores of query i against chunk rows cols[i]: (q, m). Query blocks keep the
-    gathered rows (and their float32 copy) under `_RESCORE_BYTES`. ``normalize``: the rows
-    are raw, normalized here in float32 (not first rounded to a half type)."""
+    gathered rows (and any float32 copy) under ``budget`` bytes. ``normalize``: the rows
+    are raw, normalized here in float32 (not first rounded to a half type).
+
+    Half rows on a GPU are not copied to float32: the float32 query is split into half
+    terms (hi + lo, + a third for bfloat16: 22-24 bits), and one batched tensor-core GEMM
+    with float32 output scores the rows against all terms (products of halves are exact in
+    float32), when this torch has `bmm(..., out_dtype=float32)` and it checks out here.
+    """
     q, m = cols.shape
-    d = qn.shape[1]
-    scores = torch.empty((q, m), dtype=torch.float32, device=qn.device)
-    per_query = m * d * (chunk.element_size() + 4)
-    step = max(1, _RESCORE_BYTES // max(1, per_query))
+    d = q32.shape[1]
+    split = not normalize and _half_bmm_ok(chunk.device, chunk.dtype)
+    scores = torch.empty((q, m), dtype=torch.float32, device=q32.device)
+    per_query = m * d * (chunk.element_size() + (0 if split else 4)) + m * 16
+    step = max(1, budget // max(1, per_query))
     for s in range(0, q, step):
-        rows = chunk[cols[s : s + step]].float()  # (b, m, d)
+        rows = chunk[cols[s : s + step]]  # (b, m, d)
+        if split:
+            terms = _split_terms(q32[s : s + step], chunk.dtype)  # (b, d, t), scaled
+            parts = torch.bmm(rows, terms, out_dtype=torch.float32)  # (b, m, t)
+            scores[s : s + step] = parts.sum(dim=2).mul_(_SPLIT_SCALE**-1)
+            continue
+        rows = rows.float()
         if normalize:
             rows = rows / torch.linalg.vector_norm(rows, dim=2, keepdim=True).clamp_min_(1e-12)
-        qs = qn[s : s + step].float().unsqueeze(2)  # (b, d, 1)
+        qs = q32[s : s + step].float().unsqueeze(2)  # (b, d, 1)
         scores[s : s + step] = torch.bmm(rows, qs).squeeze(2)
     return scores
+
+
+# Unit queries are scaled by 2**8 before the split (exact) so the low terms stay normal
+# half numbers; the scores are scaled back.
+_SPLIT_SCALE = 2.0**8
+
+
+def _split_terms(q32: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(b, d) float32 -> (b, d, t) in ``dtype`` whose sum over t is q32 * _SPLIT_SCALE to
+    ~22 bits (float16, 2 terms) or ~24 bits (bfloat16, 3 terms)."""
+    rest = q32.float() * _SPLIT_SCALE
+    terms = []
+    for _ in range(2 if dtype == torch.float16 else 3):
+        t = rest.to(dtype)
+        terms.append(t)
+        rest = rest - t.float()
+    return torch.stack(terms, dim=2)
+
+
+_HALF_BMM: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def _half_bmm_ok(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether half x half -> float32 `bmm` works on this device and matches float32."""
+    if dtype not in _HALF or device.type != "cuda":
+        return False
+    key = (str(device), dtype)
+    if key not in _HALF_BMM:
+        try:
+            gen = torch.Generator(device="cpu").manual_seed(0)
+            rows = torch.randn(3, 40, 64, generator=gen).to(device=device, dtype=dtype)
+            q = torch.nn.functional.normalize(torch.randn(3, 64, generator=gen), dim=1)
+            q = q.to(device)
+            got = torch.bmm(rows, _split_terms(q, dtype), out_dtype=torch.float32)
+            got = got.sum(dim=2) / _SPLIT_SCALE
+            want = torch.bmm(rows.float(), q.unsqueeze(2)).squeeze(2)
+            _HALF_BMM[key] = bool((got - want).abs().max() < 1e-5)
+        except Exception:  # no out_dtype overload in this torch: float32 copies instead
+            _HALF_BMM[key] = False
+    return _HALF_BMM[key]
 
 
 _MARGIN_UNITS = 2  # candidates beyond k: most rows are certified on the first try
@@ -457,6 +515,7 @@ def _select_exact(
     k: int,
     err: float,
     normalize: bool = False,
+    budget: int = _RESCORE_BYTES,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The top-k of each float32 query ``q32`` over ``chunk``, from low-precision unit scores.
 
@@ -473,7 +532,8 @@ def _select_exact(
     out_v = torch.empty((q, k), dtype=torch.float32, device=q32.device)
     out_i = torch.empty((q, k), dtype=torch.int64, device=q32.device)
     rows = torch.arange(q, device=q32.device)
-    count = min(units, -(-k // group) + _MARGIN_UNITS + k // 8)
+    # Each of the k best rows may sit in a unit of its own: k units, plus a margin.
+    count = min(units, k + _MARGIN_UNITS + k // 8)
     offsets = torch.arange(group, device=q32.device)
     while rows.numel():
         us = unit_scores if rows.numel() == q else unit_scores[rows]
@@ -481,7 +541,8 @@ def _select_exact(
         cols = (top_idx.unsqueeze(2) * group + offsets).reshape(rows.numel(), -1)
         valid = cols < c
         cols = cols.clamp_max_(c - 1)
-        scores = _rescore(q32[rows], chunk, cols, normalize).masked_fill_(~valid, float("-inf"))
+        scores = _rescore(q32[rows], chunk, cols, normalize, budget)
+        scores.masked_fill_(~valid, float("-inf"))
         vals, pos = torch.topk(scores, k, dim=1)  # sorted: vals[:, -1] is the k-th
         idx = torch.gather(cols, 1, pos)
         if count >= units:
@@ -729,6 +790,9 @@ class TopKPlan(BaseModel):
     chunk_rows: int
     extra_bytes: int
     selection: Literal["topk", "grouped", "fused"]
+    # Bytes of candidate rows gathered at once for the float32 rescoring: big enough on a
+    # GPU that the rescoring is a few launches, not hundreds.
+    rescore_bytes: int = _RESCORE_BYTES
 
 
 def plan_topk(
@@ -763,6 +827,7 @@ def plan_topk(
     qb = min(n_queries, FUSED_MAX_QUERIES) if selection == "fused" else n_queries
     # Half scores (CUDA) pick candidates that are rescored in float32 (`_select_exact`).
     rescored = selection == "fused" or cd in _HALF
+    rescore_bytes = int(min(256 * 1024**2, max(4 * 1024**2, max_bytes // 4)))
     while True:
         query_bytes = 2 * qb * dim * sb  # the query block and its normalized copy
         query_bytes += 2 * qb * dim * 4 if rescored and sb != 4 else 0  # + float32 ones
@@ -770,7 +835,7 @@ def plan_topk(
         per_row = copies * (dim * sb + 4)
         if rescored:  # gathered rows + candidate columns, scores and masks
             units = k + _MARGIN_UNITS + k // 8
-            cand_bytes += _RESCORE_BYTES + qb * units * _GROUP * (8 + 4 + 1) + qb * k * 12
+            cand_bytes += rescore_bytes + qb * units * _GROUP * (8 + 4 + 1) + qb * k * 12
         if selection == "fused":  # no score block: float32 group maxima only
             per_row += qb * 4 / _GROUP
         else:
@@ -796,7 +861,13 @@ def plan_topk(
     if rows < n_rows and selection in ("grouped", "fused") and rows >= _GROUP:
         rows = rows // _GROUP * _GROUP
     extra = int(query_bytes + cand_bytes + per_row * rows)
-    return TopKPlan(query_block=qb, chunk_rows=rows, extra_bytes=extra, selection=selection)
+    return TopKPlan(
+        query_block=qb,
+        chunk_rows=rows,
+        extra_bytes=extra,
+        selection=selection,
+        rescore_bytes=rescore_bytes,
+    )
 
 
 def _grouped_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -958,7 +1029,7 @@ def _search_block(
         if not normalized:
             chunk = normalize_rows(chunk)
         if plan.selection == "fused":
-            v, i = _fused_topk(qn, q32, chunk, min(k, c))
+            v, i = _fused_topk(qn, q32, chunk, min(k, c), plan.rescore_bytes)
             _commit(v, i, start)
             return
         buf = state["buf"]
@@ -975,8 +1046,9 @@ def _search_block(
             # rows, normalized in float32 (the winners of the inputs as given).
             err = _score_error(cd, qn.shape[1]) + (0.0 if normalized else _UNIT_ROUNDING[cd])
             units = _group_maxima(scores) if grouped else scores
+            group = _GROUP if grouped else 1
             v, i = _select_exact(
-                q32, raw, units, _GROUP if grouped else 1, kk, err, normalize=not normalized
+                q32, raw, units, group, kk, err, not normalized, plan.rescore_bytes
             )
         elif grouped:
             v, i = _grouped_topk(scores, kk)

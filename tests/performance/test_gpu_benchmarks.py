@@ -523,6 +523,22 @@ def test_half_scores_pick_candidates_and_float32_decides(
     assert calls["n"] > len(check.KS), "near-tied queries were certified on the first try"
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_rescore_split_query_terms_carry_float32_precision(dtype: torch.dtype) -> None:
+    """On GPUs half rows are rescored against the float32 query split into half terms
+    (one tensor-core GEMM, float32 output): the terms must carry float32's precision."""
+    q = ops.normalize_rows(rand(50, 384))
+    terms = ops._split_terms(q, dtype)
+    assert terms.dtype == dtype
+    back = terms.double().sum(dim=2) / ops._SPLIT_SCALE
+    assert (back - q.double()).abs().max() < 2.0**-24
+    rows = ops.normalize_rows(rand(50 * 7, 384, seed=1)).to(dtype).view(50, 7, 384)
+    exact = torch.bmm(rows.double(), q.double().unsqueeze(2)).squeeze(2)
+    split = torch.bmm(rows.float(), terms.float()).sum(dim=2) / ops._SPLIT_SCALE
+    assert (split.double() - exact).abs().max() < 1e-6
+    assert not ops._half_bmm_ok(torch.device("cpu"), dtype)  # CPUs copy to float32
+
+
 def test_fused_grid_puts_database_blocks_on_axis_0() -> None:
     # 16 queries x 20M rows: 156,250 blocks of 128 rows, one grid axis (axis 1 stops at
     # 65,535); queries are looped over inside the kernel, so they add no grid axis.
