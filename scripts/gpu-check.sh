@@ -6,8 +6,9 @@
 #
 # 1. A venv (.gpu-check-venv) that sees the system's packages, so an image's CUDA torch and
 #    Triton are used as they are; what is missing is installed: torch with CUDA from PyPI,
-#    the project (`pip install -e .`, else --no-deps, else PYTHONPATH), and gpu/'s own
-#    dependencies, from $GPU_CHECK_WHEELS (a folder of wheels) when the machine is offline.
+#    the project (`pip install --no-deps -e .`; GPU_CHECK_FULL_INSTALL=1: `pip install -e .`;
+#    offline: PYTHONPATH), and what gpu/ and storage/ import (pydantic, sqlalchemy, ...),
+#    also from $GPU_CHECK_WHEELS (a folder of wheels, default .whl/) when offline.
 # 2. `python -m gpu.check` (see gpu/check.py): top-k exactness against torch.topk on fp32
 #    scores (k = 1, 10, 64; ragged N; near-ties; every selection path), normalize and L2
 #    against torch, the fused kernel's 16 x 20M launch, then the three targets (top-k
@@ -52,27 +53,42 @@ WHEELS="${GPU_CHECK_WHEELS:-.whl}"
 
 if [ ! -x "$VENV/bin/python" ]; then
     log "creating $VENV (with the system's packages)"
-    "$PY" -m venv --system-site-packages "$VENV" || { echo "gpu-check: venv failed" >&2; exit 2; }
+    "$PY" -m venv --system-site-packages "$VENV" || log "no venv here: using $PY itself"
 fi
 VPY="$VENV/bin/python"
+[ -x "$VPY" ] || VPY="$PY"
 
 if ! "$VPY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
     log "installing torch with CUDA from PyPI"
-    "$VPY" -m pip install "${PIP_OPTS[@]}" "torch>=2.4" \
+    "$VPY" -m pip install "${PIP_OPTS[@]}" "torch>=2.4,<=2.14.1" \
         || { echo "gpu-check: no CUDA torch and none could be installed" >&2; exit 2; }
 fi
 "$VPY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
     || { echo "gpu-check: torch sees no CUDA device" >&2; exit 2; }
 
+# The project without its orchestration stack (Prefect, DSPy, ...: minutes to install and
+# not used here); GPU_CHECK_FULL_INSTALL=1 installs everything (`pip install -e .`).
 log "installing the project"
-if ! "$VPY" -m pip install "${PIP_OPTS[@]}" -e . 2>/tmp/gpu-check-pip.log; then
-    # Offline: gpu/'s own needs (pydantic, psutil, numpy; sqlalchemy/alembic for --store)
-    # from the wheels folder, and the project itself from the checkout.
-    log "full install failed (offline?): $(tail -n 1 /tmp/gpu-check-pip.log)"
-    "$VPY" -m pip install "${PIP_OPTS[@]}" pydantic pydantic-settings psutil numpy sqlalchemy \
-        alembic 2>/dev/null || log "some dependencies could not be installed"
-    "$VPY" -m pip install "${PIP_OPTS[@]}" --no-deps --no-build-isolation -e . 2>/dev/null \
-        || log "using the checkout through PYTHONPATH"
+if [ "${GPU_CHECK_FULL_INSTALL:-0}" = 1 ]; then
+    "$VPY" -m pip install "${PIP_OPTS[@]}" -e . || log "full install failed"
+else
+    "$VPY" -m pip install "${PIP_OPTS[@]}" --no-deps -e . 2>/dev/null \
+        || "$VPY" -m pip install "${PIP_OPTS[@]}" --no-deps --no-build-isolation -e . 2>/dev/null \
+        || log "no editable install (offline?): using the checkout through PYTHONPATH"
+fi
+# What gpu.check and `gpu_ops.py --load --store` import, if the image lacks it.
+MISSING=$("$VPY" - <<'PYEOF'
+import importlib.util
+need = {"numpy": "numpy", "psutil": "psutil", "pydantic": "pydantic",
+        "pydantic_settings": "pydantic-settings", "sqlalchemy": "sqlalchemy",
+        "alembic": "alembic", "triton": "triton"}
+print(" ".join(pkg for mod, pkg in need.items() if importlib.util.find_spec(mod) is None))
+PYEOF
+)
+if [ -n "$MISSING" ]; then
+    log "installing $MISSING"
+    # shellcheck disable=SC2086  # a list of package names
+    "$VPY" -m pip install "${PIP_OPTS[@]}" $MISSING || log "could not install: $MISSING"
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export DSPYFLOW_HOME="${DSPYFLOW_HOME:-$(mktemp -d)}"
