@@ -17,13 +17,20 @@ if _DIR:
 
     def _patch(original: Any, path: Path) -> Any:
         def logged(self: SimulatedEngine, request: Any) -> Any:
-            # One write(2) per line on an O_APPEND descriptor: lines never interleave.
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            received = time.time()
+            status = "ok"
             try:
-                os.write(fd, f"{time.time():.6f}\n".encode())
+                return original(self, request)
+            except Exception as exc:
+                status = type(exc).__name__
+                raise
             finally:
-                os.close(fd)
-            return original(self, request)
+                # One write(2) per line on an O_APPEND descriptor: lines never interleave.
+                fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+                try:
+                    os.write(fd, f"{received:.6f} {status}\n".encode())
+                finally:
+                    os.close(fd)
 
         logged.call_log = True  # type: ignore[attr-defined]
         return logged
@@ -36,10 +43,21 @@ if _DIR:
 
 
 def read_calls(directory: Path) -> dict[int, list[float]]:
-    """pid -> sorted call times, from every log in `directory`."""
+    """pid -> sorted times at which the provider received a call, from every log."""
     calls: dict[int, list[float]] = {}
-    for path in directory.glob("*.log"):
-        stamps = [float(x) for x in path.read_text().split()]
-        if stamps:
-            calls[int(path.stem)] = sorted(stamps)
+    for pid, rows in read_outcomes(directory).items():
+        if rows:
+            calls[pid] = sorted(t for t, _ in rows)
     return calls
+
+
+def read_outcomes(directory: Path) -> dict[int, list[tuple[float, str]]]:
+    """pid -> (time received, `ok` or the error the provider raised) per call."""
+    out: dict[int, list[tuple[float, str]]] = {}
+    for path in directory.glob("*.log"):
+        rows = []
+        for line in path.read_text().splitlines():
+            stamp, _, status = line.partition(" ")
+            rows.append((float(stamp), status or "ok"))
+        out[int(path.stem)] = rows
+    return out

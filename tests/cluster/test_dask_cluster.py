@@ -24,7 +24,7 @@ from storage.db import get_engine
 from storage.repository import Repository
 from tasks.local_cluster import BIN, LocalCluster
 from tests.cluster.conftest import CALL_LOG_PRELOAD, ROOT, base_env
-from tests.cluster.sim_call_log import read_calls
+from tests.cluster.sim_call_log import read_calls, read_outcomes
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.postgres]
 
@@ -85,10 +85,14 @@ def _dask_args(cluster: LocalCluster) -> list[str]:
 def test_kill_9_of_a_dask_worker_mid_batch_loses_nothing(
     cluster: LocalCluster, results_url: str
 ) -> None:
-    """200 sim jobs, 5 % transient LM faults; one Dask worker process is `kill -9`ed while
-    it runs cycles. Every job ends `succeeded`: the killed worker's jobs run again on a
-    live worker (attempt 2, with a `worker_lost` alert naming the dead process)."""
+    """200 sim jobs, 5 % transient LM faults (counted as the provider raised them); one
+    Dask worker process is `kill -9`ed while it runs cycles. Every job ends `succeeded`:
+    the killed worker's jobs run again on a live worker (attempt 2, with a `worker_lost`
+    alert naming the dead process)."""
     jobs = 200
+    calls_dir = Path(cluster.env["DSPYFLOW_SIM_CALL_LOG"])
+    for old in calls_dir.glob("*.log"):
+        old.unlink()
     proc = _batch(
         cluster,
         results_url,
@@ -125,7 +129,9 @@ def test_kill_9_of_a_dask_worker_mid_batch_loses_nothing(
     runs = repo.list_runs(limit=None)
     assert len(runs) == jobs and all(r.state in TERMINAL for r in runs)
     assert summary["succeeded"] == jobs, summary["top_errors"]
-    assert summary["lm_calls"] > jobs * 10, "the 5 % transient faults were retried"
+    outcomes = [o for rows in read_outcomes(calls_dir).values() for _, o in rows]
+    faults = sum(o in ("RateLimitError", "ServerError") for o in outcomes)
+    assert 0.02 * len(outcomes) < faults < 0.08 * len(outcomes), (faults, len(outcomes))
     victim_name = f":{victim}"
     for run_id in held:
         run = repo.get_run(run_id)
