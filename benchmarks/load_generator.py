@@ -9,12 +9,16 @@ percentiles are, and Locust against the same server in the same run.
 2. Percentile accuracy: at a fraction of that ceiling against a server with a 1-20 ms
    uniform delay, the generator's service-time percentiles vs the server-side ones
    (target: within 1 ms + 1 %).
-3. Locust (closed model, FastHttpUser with constant_throughput) in its own process
-   against the same two servers: its achieved rate and percentiles.
+3. dspyflow's generator against Locust (closed model, FastHttpUser with
+   constant_throughput, its own process) at the same target rate against the same two
+   servers: one discarded warm-up run of each, then `--ab-rounds` rounds in alternating
+   order; achieved rate and percentiles (and their excess over the server's own) as
+   median with min-max and n.
 
     python benchmarks/load_generator.py                  # default search
     python benchmarks/load_generator.py --quick          # shorter steps
     python benchmarks/load_generator.py --client httpx   # the httpx client instead
+    python benchmarks/load_generator.py --ab-only 500 --locust-seconds 5   # only step 3
 
 Prints a table-ish log and, as its last line, one JSON object with the figures.
 """
@@ -270,6 +274,75 @@ def locust(url: str, rps: float, users: int, seconds: int, workdir: Path) -> dic
     return out
 
 
+def ours(url: str, rps: float, seconds: float, client: str) -> dict[str, Any]:
+    """dspyflow's generator at `rps` for `seconds`: the figures `locust()` reports."""
+    reset(url)
+    config = LoadTestConfig(
+        url=url,
+        rps=rps,
+        duration_s=seconds,
+        max_concurrency=2000,
+        http_client=client,  # type: ignore[arg-type]
+        timeout_s=10,
+    )
+    s = run_load_test(config).summary
+    server_stats = fetch_stats(url)
+    server = percentiles(decode(server_stats["histogram"]))
+    achieved = s.overall.requests / seconds
+    return {
+        "target_rps": rps,
+        "requests": s.overall.requests,
+        "failures": s.overall.errors,
+        "achieved_rps": round(achieved, 1),
+        "achieved_ratio": round(achieved / rps, 4),
+        "p50_ms": s.overall.service.p50_ms,
+        "p99_ms": s.overall.service.p99_ms,
+        "server_requests": server_stats["requests"],
+        "server_p50_ms": server.p50_ms,
+        "server_p99_ms": server.p99_ms,
+    }
+
+
+def tools_ab(
+    url: str, rps: float, rounds: int, args: argparse.Namespace, workdir: Path
+) -> dict[str, Any]:
+    """dspyflow's generator and Locust at the same target rate against the same server:
+    one discarded warm-up run of each, then `rounds` rounds in alternating order."""
+    from benchmarks._ab import interleaved, spread
+
+    arms = {
+        "dspyflow": lambda: ours(url, rps, args.locust_seconds, args.client),
+        "locust": lambda: locust(url, rps, args.locust_users, args.locust_seconds, workdir),
+    }
+
+    def show(name: str, round_no: int, seconds: float, r: dict[str, Any]) -> None:
+        label = "warm-up" if round_no < 0 else f"round {round_no}"
+        print(
+            f"  {label:>8} {name:>8}: achieved {r['achieved_ratio']:.3f} of {rps:.0f} rps, "
+            f"p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms (server {r['server_p50_ms']} / "
+            f"{r['server_p99_ms']} ms)",
+            flush=True,
+        )
+
+    samples = interleaved(arms, rounds, on_run=show)
+    out: dict[str, Any] = {"target_rps": rps, "rounds": rounds}
+    for name, got in samples.items():
+        runs = got.results
+        out[name] = {
+            "achieved_ratio": spread([r["achieved_ratio"] for r in runs]),
+            "p50_ms": spread([r["p50_ms"] for r in runs], 3),
+            "p99_ms": spread([r["p99_ms"] for r in runs], 3),
+            "p50_excess_over_server_ms": spread(
+                [r["p50_ms"] - r["server_p50_ms"] for r in runs], 3
+            ),
+            "p99_excess_over_server_ms": spread(
+                [r["p99_ms"] - r["server_p99_ms"] for r in runs], 3
+            ),
+            "runs": runs,
+        }
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--client", choices=["aiohttp", "httpx"], default="aiohttp")
@@ -278,6 +351,16 @@ def main() -> None:
     parser.add_argument("--rates", type=float, nargs="*", help="rates to try, ascending")
     parser.add_argument("--locust-users", type=int, default=50)
     parser.add_argument("--locust-seconds", type=int, default=10)
+    parser.add_argument(
+        "--ab-rounds", type=int, default=3, help="measured rounds of dspyflow vs Locust"
+    )
+    parser.add_argument(
+        "--ab-only",
+        type=float,
+        default=None,
+        metavar="RPS",
+        help="only the dspyflow-vs-Locust comparison, at this rate (skips 1 and 2)",
+    )
     args = parser.parse_args()
     duration = 4.0 if args.quick else args.duration
     rates = args.rates or (
@@ -292,38 +375,43 @@ def main() -> None:
     print(f"environment: {env}", flush=True)
     trivial, trivial_url = start_server(0)
     delayed, delayed_url = start_server(1, 20)
+    ceiling: dict[str, Any] = {"steps": []}
+    acc: dict[str, Any] | None = None
     try:
-        print("1. rate ceiling (trivial server, separate process)", flush=True)
-        ceiling = find_ceiling(trivial_url, args.client, duration, rates)
-        best = ceiling["max_rps_held"] or rates[0]
-        acc_rps = min(1000.0, round(best * 0.5, -1))
+        if args.ab_only is None:
+            print("1. rate ceiling (trivial server, separate process)", flush=True)
+            ceiling = find_ceiling(trivial_url, args.client, duration, rates)
+            best = ceiling["max_rps_held"] or rates[0]
+            acc_rps = min(1000.0, round(best * 0.5, -1))
+            print(
+                f"2. percentile accuracy at {acc_rps:.0f} rps (server delay uniform 1-20 ms)",
+                flush=True,
+            )
+            acc = accuracy(delayed_url, acc_rps, duration, args.client)
+            locust_rate = 1000.0
+        else:
+            acc_rps = locust_rate = args.ab_only
         print(
-            f"2. percentile accuracy at {acc_rps:.0f} rps (server delay uniform 1-20 ms)",
+            "3. dspyflow vs Locust against the same servers, same target rate, "
+            "interleaved after a warm-up",
             flush=True,
         )
-        acc = accuracy(delayed_url, acc_rps, duration, args.client)
-        print("3. Locust against the same servers", flush=True)
         with tempfile.TemporaryDirectory() as tmp:
-            locust_rate = 1000.0
-            loc_trivial = locust(
-                trivial_url, locust_rate, args.locust_users, args.locust_seconds, Path(tmp)
-            )
-            loc_delayed = locust(
-                delayed_url, acc_rps, args.locust_users, args.locust_seconds, Path(tmp)
-            )
+            loc_trivial = tools_ab(trivial_url, locust_rate, args.ab_rounds, args, Path(tmp))
+            loc_delayed = tools_ab(delayed_url, acc_rps, args.ab_rounds, args, Path(tmp))
     finally:
         for proc in (trivial, delayed):
             proc.terminate()
             proc.wait(10)
     cpu_costs = sorted(r["gen_cpu_us_per_request"] for r in ceiling["steps"])
-    cpu_us = cpu_costs[len(cpu_costs) // 2]
+    cpu_us = cpu_costs[len(cpu_costs) // 2] if cpu_costs else None
     figures = {
         "benchmark": "load_generator",
         "environment": {**env, "load_avg_at_end": [round(x, 2) for x in os.getloadavg()]},
         "criteria": {"hold_ratio": HOLD_RATIO, "lag_p99_ms": LAG_P99_MS},
-        "max_rps_held": ceiling["max_rps_held"],
-        "first_failing_rps": ceiling["first_failing_rps"],
-        "max_rps_rate_only": ceiling["max_rps_rate_only"],
+        "max_rps_held": ceiling.get("max_rps_held"),
+        "first_failing_rps": ceiling.get("first_failing_rps"),
+        "max_rps_rate_only": ceiling.get("max_rps_rate_only"),
         # CPU per request is what contention does not change: one free core / this cost is
         # the rate at which the generator itself would be 100 % busy (a bound, not a hold).
         "gen_cpu_us_per_request_median": cpu_us,
