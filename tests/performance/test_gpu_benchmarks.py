@@ -825,6 +825,42 @@ def test_triton_kernels_in_interpreter(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
 
 
+@pytest.mark.skipif(not _has_triton(), reason="Triton is not installed (CUDA builds ship it)")
+@pytest.mark.skipif(
+    _has_triton() and not ops.triton_status().usable, reason="Triton below the 3.4 floor"
+)
+def test_triton_kernels_compile_for_sm90_without_a_gpu() -> None:
+    """Both kernels through Triton's real backend for an H100/H200 (sm_90), ahead of time:
+    the fused top-k's autotune configs fit shared memory and use Hopper tensor cores."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    target = GPUTarget("cuda", 90, 32)
+    plain, tuned = ops._build_group_max_kernel()
+    names = ["q_ptr", "db_ptr", "out_ptr", "M", "n_rows", "n_groups", "stride_qm"]
+    names += ["stride_dn", "stride_om", "M_PAD", "K", "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP"]
+    types = ["*fp16", "*fp16", "*fp32"] + ["i32"] * 6 + ["constexpr"] * 6
+    for cfg in tuned.configs:
+        consts = {"M_PAD": 1024, "K": 384, "GROUP": 32, **cfg.kwargs}
+        src = ASTSource(
+            fn=plain,
+            signature=dict(zip(names, types, strict=True)),
+            constexprs={(names.index(k),): v for k, v in consts.items()},
+        )
+        options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+        kernel = triton.compile(src, target=target, options=options)
+        assert kernel.metadata.shared <= 227 * 1024, cfg  # an H100's shared memory per block
+        assert "wgmma.mma_async" in kernel.asm["ptx"] and ".f32.f16.f16" in kernel.asm["ptx"]
+    sig = {"x_ptr": "*fp32", "out_ptr": "*fp32", "n_rows": "i32", "n_cols": "i32"}
+    sig |= {"stride_x": "i32", "stride_out": "i32", "eps": "fp32"}
+    sig |= {"BLOCK_M": "constexpr", "BLOCK_N": "constexpr"}
+    src = ASTSource(
+        fn=ops._build_normalize_kernel(), signature=sig, constexprs={(7,): 16, (8,): 512}
+    )
+    triton.compile(src, target=target, options={"num_warps": 8})
+
+
 # --- GPU only -------------------------------------------------------------------------
 
 
