@@ -15,13 +15,15 @@ formula against the server's ``max_connections``).
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
+import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -32,6 +34,9 @@ from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 from sqlalchemy.pool import PoolProxiedConnection, QueuePool
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+
+logger = logging.getLogger("dspyflow.storage")
+T = TypeVar("T")
 
 
 class StorageError(RuntimeError):
@@ -67,6 +72,9 @@ class StorageSettings(BaseSettings):
     db_pool_timeout: float = Field(30.0, gt=0, allow_inf_nan=False)
     # SQLite: how long a writer waits for the write lock before "database is locked".
     db_busy_timeout: float = Field(60.0, gt=0, allow_inf_nan=False)
+    # How long a finished run's outcome write is retried while the database is unreachable
+    # or busy; after that it is spooled to $DSPYFLOW_HOME/outbox (tasks.outcome).
+    record_retry_s: float = Field(60.0, ge=0, allow_inf_nan=False)
 
     def resolved_url(self) -> str:
         if self.database_url:
@@ -309,6 +317,27 @@ def connect_checked(engine: Engine) -> Iterator[None]:
         if error is None:
             raise
         raise error from None
+
+
+def retry_while_unreachable(call: Callable[[], T], *, within_s: float, what: str) -> T:
+    """`call()`, tried again while the database is unreachable or busy (a server restart,
+    a cut network, SQLite's write lock held past its busy timeout), with backoff, for at
+    most `within_s`; then that error, as its one-line StorageError. Other errors (a
+    constraint, a bug) are raised at once. `call` must be safe to repeat: one transaction."""
+    deadline = time.monotonic() + within_s
+    delay = 0.25
+    while True:
+        try:
+            return call()
+        except (sa_exc.SQLAlchemyError, StorageError) as exc:
+            error = describe_error(exc)
+            if not isinstance(error, DatabaseUnavailableError | DatabaseBusyError):
+                raise
+            if time.monotonic() + delay > deadline:
+                raise error from exc
+            logger.warning("%s: %s; retrying in %.2g s", what, error, delay)
+        time.sleep(delay)
+        delay = min(delay * 2, 5.0)
 
 
 # --- schema version -------------------------------------------------------------------

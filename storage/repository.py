@@ -171,7 +171,7 @@ class Repository:
             stmt = stmt.where(OptimizationRun.worker == expect_worker)
         values: dict[str, Any] = {"state": new.value, **fields}
         if finished:
-            values["finished_at"] = func.now()
+            values.setdefault("finished_at", func.now())  # a spooled outcome brings its own
         with self._session() as s, s.begin():
             return s.execute(stmt.values(**values)).rowcount == 1
 

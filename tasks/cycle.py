@@ -40,6 +40,7 @@ from tasks.budget import (
 from tasks.cycle_timer import CycleMonitor, CycleTimer, PrefectHooks
 from tasks.lm import CycleLM, RateLimiter, build_lm
 from tasks.optimizers import CompileRequest, OptimizeResult, get_optimizer
+from tasks.outcome import OutcomeSpooledError, RunOutcome, record_outcome
 from tasks.programs import TaskDefinition, get_task
 from tasks.programs.dataset import Splits, load_user_task
 from tasks.spec import CycleSpec
@@ -387,35 +388,15 @@ def _result_fields(result: OptimizeResult) -> dict[str, Any]:
     }
 
 
-def _write_outcome(
-    ctx: CycleContext, state: RunState, fields: dict[str, Any], *, kept: str
-) -> bool:
-    """finish_run as the claimant; if the run was marked stale under this live worker,
-    keep the result on the stale row; anything else is logged loudly, never silent."""
-    repo, run_id = ctx.repo, ctx.run_id
-    if state is not RunState.stale and repo.finish_run(run_id, state, lease=ctx.lease, **fields):
-        return True
-    current = repo.get_run(run_id)
-    if current.state == RunState.stale.value and current.lease == ctx.lease:
-        if ctx.guard.reason is StopReason.lease_lost or not fields.get("error"):
-            detail = "it stopped when its heartbeat found the lease gone"
-        else:
-            detail = f"it ended: {fields['error']}"
-        note = f"{current.error or 'marked stale'}; but the worker was alive: {detail}; {kept} kept"
-        if repo.salvage_run(run_id, ctx.lease, **{**fields, "error": note[:2000]}):
-            logger.warning("run %s was marked stale under a live worker: %s", run_id, note)
-            return True
-        current = repo.get_run(run_id)
-    logger.error(
-        "run %s: NOT recorded as %s: the run is %s and held by %s (another worker claimed "
-        "it, or it was re-queued); this worker's result (%s) is dropped",
-        run_id,
-        state.value,
-        current.state,
-        current.worker or "nobody",
-        kept,
+def _outcome(ctx: CycleContext, state: RunState, fields: dict[str, Any], kept: str) -> RunOutcome:
+    return RunOutcome(
+        run_id=ctx.run_id,
+        lease=ctx.lease,
+        state=state,
+        fields=fields,
+        kept=kept,
+        stopped_for_lost_lease=ctx.guard.reason is StopReason.lease_lost,
     )
-    return False
 
 
 def record_success(
@@ -432,7 +413,7 @@ def record_success(
         **ctx.usage_fields(),
     }
     try:
-        written = _write_outcome(ctx, state, fields, kept="its best program")
+        written = record_outcome(ctx.repo, _outcome(ctx, state, fields, "its best program"))
     finally:
         release_control(ctx.run_id)
     if written and ctx.spec.optimizer == "genetic":
@@ -467,6 +448,8 @@ def record_failure(
         # Another worker holds the run: its outcome is theirs to record, not ours.
         logger.warning("%s; leaving it to the worker that holds it", exc)
         return
+    if isinstance(exc, OutcomeSpooledError):
+        return  # the outcome is safe in the outbox; the database is down anyway
     state = RunState.cancelled if _interrupted(exc) else RunState.failed
     error = _error_text(exc, ctx)
     if ctx is None:
@@ -485,7 +468,7 @@ def record_failure(
     if lease_lost(ctx):
         state = RunState.stale
     try:
-        _write_outcome(ctx, state, fields, kept=kept)
+        record_outcome(repo, _outcome(ctx, state, fields, kept))
     finally:
         release_control(run_id)
 
@@ -615,8 +598,8 @@ def execute_cycle(
             raise  # nothing was written: the input was refused before the run's row
         # With `result`, a failed final evaluation still keeps the optimized program.
         record_failure(repo, failed_run, exc, ctx, result)
-        if reraise or not isinstance(exc, Exception):
-            raise
+        if reraise or not isinstance(exc, Exception) or isinstance(exc, OutcomeSpooledError):
+            raise  # (spooled: the database is down, so no summary can be read back)
         return summarize(repo, failed_run)
     return summarize(repo, ctx.run_id)
 

@@ -20,7 +20,8 @@ again; `resume_runs` (`dspyflow runs recover --resume`) runs them here. A re-run
 cycle resumes from `$DSPYFLOW_HOME/gepa/<run_id>`, a genetic one from its last generation's
 checkpoint in `$DSPYFLOW_HOME/genetic/<run_id>`; MIPROv2 searches again.
 
-`dspyflow runs recover` calls `recover_stale_runs`; so does a batch flow at its start.
+`dspyflow runs recover` calls `recover_stale_runs`; so does a batch flow at its start. Both
+first write outcomes spooled while the database was down (tasks.outcome).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from pydantic import BaseModel, Field
 from storage.models import RunState
 from storage.repository import Repository
 from tasks.cycle_timer import HEARTBEAT_INTERVAL_S
+from tasks.outcome import deliver_spooled_outcomes
 
 logger = logging.getLogger("dspyflow.recovery")
 
@@ -111,6 +113,7 @@ def recover_stale_runs(
             stale_after_s,
             HEARTBEAT_INTERVAL_S,
         )
+    deliver_spooled_outcomes(repo)  # before the reaping: a spooled run has ended for real
     reasons: dict[str, str] = {}
     for run_id in reap_dead_local_workers(repo):
         reasons[run_id] = repo.get_run(run_id).error or "worker gone"

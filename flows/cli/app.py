@@ -141,13 +141,17 @@ def _cell(value: Any, formatter: Callable[[Any], str] | None) -> Text:
 
 
 def open_repository():  # type: ignore[no-untyped-def]
-    """The results repository, after marking runs of dead processes on this host `stale`
-    (a crashed `dspyflow` left them `running`): the next command tells the truth."""
+    """The results repository, after writing outcomes spooled during a database outage
+    and marking runs of dead processes on this host `stale` (a crashed `dspyflow` left
+    them `running`): the next command tells the truth. Spooled outcomes go first, so a
+    run whose worker ended during the outage gets its real end, not `stale`."""
     from storage.repository import Repository
+    from tasks.outcome import deliver_spooled_outcomes
     from tasks.recovery import reap_dead_local_workers
 
     repo = Repository()
     try:
+        deliver_spooled_outcomes(repo)
         reap_dead_local_workers(repo)
     except Exception as exc:  # noqa: BLE001 - a read-only or busy database still answers
         err_console.print(f"[yellow]warning:[/] could not check for dead runs: {escape(str(exc))}")
