@@ -15,7 +15,7 @@ from prefect.runtime import flow_run
 
 from storage.repository import Repository, new_id
 from tasks import cycle
-from tasks.batch import BatchOptions, BatchSummary, run_batch
+from tasks.batch import BatchOptions, BatchStop, BatchSummary, run_batch
 from tasks.batch_jobs import batch_jobs_path, load_jobs, write_jobs
 from tasks.cycle import CycleSummary
 from tasks.job_queue import Backpressure
@@ -24,29 +24,38 @@ from tasks.spec import CycleSpec
 logger = logging.getLogger("dspyflow.flows")
 
 
-def cancel_on_sigterm(run_id: str) -> Callable[[], None]:
-    """SIGTERM (a Prefect worker, Kubernetes, systemd stopping us) ends the cycle as Ctrl-C
-    does: cancelled, with its best program scored and saved. A second SIGTERM goes to the
-    handler that was there before (Prefect's: TerminationSignal, the run ends cancelled
-    without waiting). Returns a function that restores that handler.
+def on_first_sigterm(stop: Callable[[], None]) -> Callable[[], None]:
+    """Call `stop` on the first SIGTERM (a Prefect worker, Kubernetes, systemd stopping
+    us); a second SIGTERM goes to the handler that was there before (Prefect's:
+    TerminationSignal, the flow run ends at once). Returns a function that restores that
+    handler. `stop` runs in the signal handler: it must only set flags or start a thread.
 
     Prefect's flow engine installs its SIGTERM handler (`capture_sigterm`) around the flow
-    run, so ours goes in here, inside the flow, and only while the cycle runs. Signals are
-    the main thread's alone; elsewhere (a flow in a worker thread) this does nothing.
+    run, so ours goes in here, inside the flow. Signals are the main thread's alone;
+    elsewhere (a flow in a worker thread) this does nothing.
     """
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
-    from tasks.budget import cancel_run
-
     previous = signal.getsignal(signal.SIGTERM)
 
     def handler(signum: int, frame: FrameType | None) -> None:
-        logger.warning("SIGTERM: stopping run %s with its best program so far", run_id)
-        cancel_run(run_id, "terminated (SIGTERM)")
         signal.signal(signal.SIGTERM, previous)
+        stop()
 
     signal.signal(signal.SIGTERM, handler)
     return lambda: signal.signal(signal.SIGTERM, previous)
+
+
+def cancel_on_sigterm(run_id: str) -> Callable[[], None]:
+    """SIGTERM ends the cycle as Ctrl-C does: cancelled, with its best program scored and
+    saved (`on_first_sigterm`)."""
+    from tasks.budget import cancel_run
+
+    def stop() -> None:
+        logger.warning("SIGTERM: stopping run %s with its best program so far", run_id)
+        cancel_run(run_id, "terminated (SIGTERM)")
+
+    return on_first_sigterm(stop)
 
 
 @flow(name="optimization-cycle", persist_result=False, log_prints=True)
@@ -130,15 +139,23 @@ def optimization_batch(
         specs = list(jobs)
     from tasks.recovery import recover_stale_runs
 
-    summary = run_batch(
-        specs,
-        options,
-        database_url(),
-        flow_run_id=flow_run.get_id(),
-        rejected_lines=rejected,
-        # Runs of a crashed earlier process (stale heartbeat) are marked `stale` first.
-        on_start=recover_stale_runs,
-    )
+    # SIGTERM: start no more jobs, cancel the queued ones and those in flight here (each
+    # keeps its best program); every row still ends terminal. A second SIGTERM aborts.
+    stop = BatchStop()
+    restore_sigterm = on_first_sigterm(lambda: stop.request("batch terminated (SIGTERM)"))
+    try:
+        summary = run_batch(
+            specs,
+            options,
+            database_url(),
+            flow_run_id=flow_run.get_id(),
+            rejected_lines=rejected,
+            # Runs of a crashed earlier process (stale heartbeat) are marked `stale` first.
+            on_start=recover_stale_runs,
+            stop=stop,
+        )
+    finally:
+        restore_sigterm()
     create_markdown_artifact(
         key="optimization-batch",
         markdown=summary.to_markdown(),

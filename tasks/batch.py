@@ -264,6 +264,40 @@ def run_cycle(
     return run_cycle_job(spec, run_id, database_url, limiter, flow_run_id, reclaim)
 
 
+class BatchStop:
+    """A request to stop a batch early (its process got SIGTERM). No further job starts:
+    the queued rows end `cancelled`, and cycles in flight in this process are cancelled
+    (each ends `cancelled` with its best program so far, as Ctrl-C does). Cycles in other
+    processes (a Dask cluster) run to their end. `request` is safe from a signal handler:
+    the work runs in a thread of its own."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.reason: str | None = None
+        self._apply: Callable[[str], None] | None = None
+
+    def request(self, reason: str) -> None:
+        with self._lock:
+            if self.reason is not None:
+                return
+            self.reason = reason
+            apply = self._apply
+        if apply is not None:
+            threading.Thread(target=apply, args=(reason,), name="batch-stop", daemon=True).start()
+
+    def attach(self, apply: Callable[[str], None]) -> None:
+        """What stopping means for the batch now running (a request already made applies)."""
+        with self._lock:
+            self._apply = apply
+            reason = self.reason
+        if reason is not None:
+            apply(reason)
+
+    def detach(self) -> None:
+        with self._lock:
+            self._apply = None
+
+
 # --- the dispatcher ---------------------------------------------------------------------
 
 
@@ -339,11 +373,13 @@ def run_batch(
     flow_run_id: str | None = None,
     rejected_lines: Sequence[RejectedLine] = (),
     on_start: Callable[[Repository], object] | None = None,
+    stop: BatchStop | None = None,
 ) -> BatchSummary:
     """Run every job to a terminal state; call from inside a flow run (it submits tasks).
 
     `on_start(repo)` runs before anything is written: the place for crash recovery of an
-    earlier batch's stale runs."""
+    earlier batch's stale runs. `stop` ends the batch early (SIGTERM), every row still
+    terminal."""
     if not specs:
         raise ValueError("a batch needs at least one job")
     from tasks.cluster import check_cluster_setup
@@ -381,9 +417,32 @@ def run_batch(
             local_bucket,
             flow_run_id,
             rejected_lines,
+            stop,
         )
     finally:
+        if stop is not None:
+            stop.detach()
         keeper.stop()
+
+
+def _stop_batch(
+    repo: Repository, queue: JobQueue[CycleSpec], options: BatchOptions, reason: str
+) -> None:
+    """Start nothing more; cancel what this process runs; the dispatcher then drains."""
+    from tasks.budget import cancel_run
+
+    not_started = queue.drain()
+    logger.warning(
+        "batch: %s: %d queued job(s) cancelled, %d in flight stopping",
+        reason,
+        len(not_started),
+        queue.in_flight,
+    )
+    for run_id in not_started:
+        repo.finish_run(run_id, RunState.cancelled, error=f"{reason}; the run never started")
+    if options.task_runner == "threads":
+        for run_id in queue.running_ids():
+            cancel_run(run_id, reason)
 
 
 class _QueuedKeeper:
@@ -424,6 +483,7 @@ def _dispatch(
     local_bucket: TokenBucketLimiter | None,
     flow_run_id: str | None,
     rejected_lines: Sequence[RejectedLine],
+    stop: BatchStop | None = None,
 ) -> BatchSummary:
     started = time.monotonic()
     for spec, run_id in zip(specs, run_ids, strict=True):
@@ -431,6 +491,8 @@ def _dispatch(
         if result.status is SubmitStatus.refused:
             repo.finish_run(run_id, RunState.cancelled, error=f"{result.reason}; resubmit later")
     queue.close()
+    if stop is not None:  # every job is in the queue now, for a stop to drain
+        stop.attach(lambda reason: _stop_batch(repo, queue, options, reason))
 
     crashed: dict[str, str] = {}
 

@@ -192,6 +192,22 @@ class JobQueue(Generic[T]):
             self._closed = True
             self._cond.notify_all()
 
+    def drain(self) -> list[str]:
+        """Close the queue and remove every job not yet taken (queued or deferred): a
+        stopping batch will not start them. Returns their ids; `take()` then returns None
+        and `join()` waits only for the jobs in flight."""
+        with self._cond:
+            self._closed = True
+            ids = [entry.job_id for entry in (*self._heap, *self._deferred)]
+            self._heap.clear()
+            self._deferred.clear()
+            self._cond.notify_all()
+            return ids
+
+    def running_ids(self) -> list[str]:
+        with self._cond:
+            return list(self._running)
+
     # --- consumers -------------------------------------------------------------------
 
     def take(self, timeout: float | None = None) -> QueuedJob[T] | None:

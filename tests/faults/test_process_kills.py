@@ -178,6 +178,47 @@ def test_kill_9_mid_batch_leaves_no_run_queued_or_running(cli: Cli) -> None:
     }
 
 
+def test_sigterm_of_a_batch_ends_every_run_with_its_reason_and_programs(cli: Cli) -> None:
+    """SIGTERM of a real `dspyflow batch` (what a Prefect worker, Kubernetes or systemd
+    sends): it starts no more jobs, cancels the queued ones ("never started") and the
+    cycles in flight (each keeps its best program, as Ctrl-C does), writes its summary and
+    exits 1. Before: no handler of its own; Prefect's aborted the flow and left rows
+    `queued` and `running` for the next command to mark stale, programs lost."""
+    proc = cli.start(
+        "batch", "--generate", "30", "--lm", "sim", "--sim-latency-ms", "30",
+        "--lm-calls", "150", "--workers", "2", "--format", "json",
+    )  # fmt: skip
+
+    def under_way() -> bool:
+        assert proc.poll() is None, f"dspyflow batch exited early:\n{proc.communicate()}"
+        try:
+            counts = cli.repo.count_runs_by_state()
+        except Exception:  # noqa: BLE001 - the schema is being created
+            return False
+        return counts.get("succeeded", 0) >= 1 and counts.get("running", 0) >= 2
+
+    wait_for(under_way, timeout=240, what="a batch with 2 cycles in flight")
+    in_flight = {r.id for r in cli.repo.list_runs(state="running", limit=None)}
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err[-3000:]
+    summary = json.loads(out)
+    runs = cli.repo.list_runs(limit=None)
+    assert len(runs) == summary["jobs"] == 30
+    assert {r.state for r in runs} <= {"succeeded", "cancelled"}, [(r.state, r.error) for r in runs]
+    never = [r for r in runs if r.error == "batch terminated (SIGTERM); the run never started"]
+    assert never and all(r.state == "cancelled" and r.started_at is None for r in never)
+    stopped = [r for r in runs if r.id in in_flight]
+    assert len(stopped) >= 2
+    for run in stopped:
+        assert run.state in ("cancelled", "succeeded"), (run.state, run.error)
+        assert run.program_state, f"run {run.id} ({run.state}) kept no program"
+        if run.state == "cancelled":
+            assert "batch terminated (SIGTERM)" in (run.error or "")
+    assert any(r.state == "cancelled" for r in stopped), "no cycle in flight was cancelled"
+    assert summary["states"].get("cancelled", 0) == sum(r.state == "cancelled" for r in runs)
+
+
 def test_segfault_of_optimize_is_reported_by_runs_list(cli: Cli) -> None:
     """The crash users met (llama.cpp's SIGSEGV): any next command that reads runs,
     not only `runs recover`, reports the dead run instead of `running` forever."""

@@ -237,3 +237,18 @@ def test_capacity_jobs_make_the_requested_lm_calls() -> None:
         capacity_jobs(1, lm_calls=7)
     with pytest.raises(ValueError, match="count"):
         capacity_jobs(0)
+
+
+def test_drain_returns_the_jobs_not_taken_and_join_waits_only_for_those_in_flight() -> None:
+    queue: JobQueue[str] = JobQueue(10, max_concurrent=1, backpressure=Backpressure.defer)
+    queue.limit = 2  # jobs 2 and 3 are deferred
+    for i in range(4):
+        queue.submit(f"job-{i}", "spec", priority=i)
+    taken = queue.take()
+    assert taken is not None and taken.job_id == "job-1"
+    assert sorted(queue.drain()) == ["job-0", "job-2", "job-3"]
+    assert queue.running_ids() == ["job-1"]
+    assert queue.take(timeout=0.1) is None
+    assert queue.join(timeout=0.1) is False  # job-1 is still in flight
+    queue.done("job-1")
+    assert queue.join(timeout=1.0) is True
