@@ -215,15 +215,32 @@ def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+class EvaluationCancelled(Exception):  # noqa: N818 - an outcome, like CycleStopped
+    """A cancel (Ctrl-C, SIGTERM, Prefect, `runs cancel`) that arrived during the baseline
+    or the final test evaluation: the evaluation stops at its next example and the run
+    ends `cancelled` (with the optimized program, if there is one)."""
+
+
 def evaluate_program(
-    ctx: CycleContext, program: dspy.Module, examples: list[dspy.Example]
+    ctx: CycleContext,
+    program: dspy.Module,
+    examples: list[dspy.Example],
+    *,
+    cancellable: str | None = None,
 ) -> float:
-    """Mean metric over ``examples`` in [0, 1], on the cycle's LM."""
+    """Mean metric over ``examples`` in [0, 1], on the cycle's LM. With `cancellable` (the
+    evaluation's name), a cancel request stops it: no further example is run, and
+    `EvaluationCancelled` says so."""
     if not examples:
         raise ValueError(f"task {ctx.task.name!r} has no examples to evaluate on")
     errors: list[Exception] = []
+    control = ctx.guard.control
+    skipped: list[dspy.Prediction] = []  # examples not run after the cancel
 
     def run(**inputs: Any) -> Any:
+        if cancellable and control.cancelled:
+            skipped.append(dspy.Prediction())  # scored 0 by `metric`; the score is dropped
+            return skipped[-1]
         try:
             return program(**inputs)
         except Exception as exc:
@@ -231,6 +248,8 @@ def evaluate_program(
             raise
 
     def metric(*args: Any, **kwargs: Any) -> Any:
+        if len(args) > 1 and any(args[1] is p for p in skipped):
+            return 0.0
         try:
             return ctx.task.metric(*args, **kwargs)
         except Exception as exc:  # a failing metric, too, is named instead of "cancelled"
@@ -253,6 +272,11 @@ def evaluate_program(
             if errors:
                 raise errors[0] from exc
             raise
+    if skipped:
+        raise EvaluationCancelled(
+            f"{control.reason or 'cancelled'} during the {cancellable} "
+            f"({len(skipped)} of {len(examples)} examples not run)"
+        )
     return float(result.score) / 100.0
 
 
@@ -260,7 +284,9 @@ def run_baseline(ctx: CycleContext) -> float:
     if ctx.resumed_baseline is not None:
         return ctx.resumed_baseline
     started = time.monotonic()
-    score = evaluate_program(ctx, ctx.task.build_program(), ctx.splits.test)
+    score = evaluate_program(
+        ctx, ctx.task.build_program(), ctx.splits.test, cancellable="baseline evaluation"
+    )
     # The final test evaluation costs about what this one did (a bit more with demos):
     # the optimizer stops that much before the time budget so the cycle keeps to it.
     ctx.guard.set_reserve(1.25 * (time.monotonic() - started))
@@ -377,7 +403,15 @@ def evaluate_final(ctx: CycleContext, result: OptimizeResult) -> float | None:
     lease is gone (nobody can record this run's outcome any more)."""
     if lease_lost(ctx):
         return None
-    return evaluate_program(ctx, result.program, ctx.splits.test)
+    # A cancel that already stopped the optimizer is answered: its best program is still
+    # scored. One that arrives now stops the scoring (the program is kept, unscored).
+    already_cancelled = ctx.guard.control.cancelled
+    return evaluate_program(
+        ctx,
+        result.program,
+        ctx.splits.test,
+        cancellable=None if already_cancelled else "final evaluation",
+    )
 
 
 def _result_fields(result: OptimizeResult) -> dict[str, Any]:
@@ -422,6 +456,8 @@ def record_success(
 
 
 def _error_text(exc: BaseException, ctx: CycleContext | None) -> str:
+    if isinstance(exc, EvaluationCancelled):
+        return str(exc)[:2000]
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     error = f"{type(exc).__name__}: {text}"
     engine = ctx.lm.engine if ctx is not None else None
@@ -450,7 +486,8 @@ def record_failure(
         return
     if isinstance(exc, OutcomeSpooledError):
         return  # the outcome is safe in the outbox; the database is down anyway
-    state = RunState.cancelled if _interrupted(exc) else RunState.failed
+    cancelled = _interrupted(exc) or isinstance(exc, EvaluationCancelled)
+    state = RunState.cancelled if cancelled else RunState.failed
     error = _error_text(exc, ctx)
     if ctx is None:
         # Never claimed: only a queued row may be failed (an operator transition).
@@ -598,6 +635,8 @@ def execute_cycle(
             raise  # nothing was written: the input was refused before the run's row
         # With `result`, a failed final evaluation still keeps the optimized program.
         record_failure(repo, failed_run, exc, ctx, result)
+        if isinstance(exc, EvaluationCancelled):
+            return summarize(repo, failed_run)  # a cancel is an end, not a failure
         if reraise or not isinstance(exc, Exception) or isinstance(exc, OutcomeSpooledError):
             raise  # (spooled: the database is down, so no summary can be read back)
         return summarize(repo, failed_run)
