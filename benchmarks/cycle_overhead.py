@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("TQDM_DISABLE", "1")
@@ -131,6 +132,13 @@ def main() -> None:
     parser.add_argument(
         "--profile", type=Path, default=None, help="cProfile one more cycle each way to FILE"
     )
+    parser.add_argument(
+        "--prefect-heartbeat",
+        type=int,
+        default=None,
+        help="turn Prefect's flow-run heartbeat back on every N s (>= 30; off under the "
+        "CLI's temporary server): what it costs",
+    )
     args = parser.parse_args()
 
     for name in ("dspy", "optuna", "httpx", "LiteLLM", "litellm"):
@@ -138,7 +146,6 @@ def main() -> None:
     home = Path(tempfile.mkdtemp(prefix="dspyflow-bench-"))
     os.environ.setdefault("DSPYFLOW_HOME", str(home))
 
-    from benchmarks._ab import fmt, interleaved, paired_ratios, spread
     from tasks.spec import CycleSpec, LMSpec
 
     spec = CycleSpec(
@@ -151,17 +158,30 @@ def main() -> None:
         max_test=args.max_test,
     )
 
-    # Prefect's ephemeral server starts on the first flow run of a process. Every CLI
-    # user pays it once (`dspyflow optimize` is one process): reported, not in the ratio.
-    from prefect import flow
+    # The Prefect setup `dspyflow optimize` runs in: its temporary server (started once
+    # per process; every CLI user pays it: reported, not in the ratio), or the server at
+    # PREFECT_API_URL when one is set.
+    import contextlib
 
-    @flow(name="warm-up")
-    def warm_up() -> None:
-        return None
+    from flows.cli.runtime import temporary_prefect_server
 
-    t0 = time.perf_counter()
-    warm_up()
-    server_start_s = time.perf_counter() - t0
+    with contextlib.ExitStack() as stack:
+        t0 = time.perf_counter()
+        stack.enter_context(temporary_prefect_server())
+        server_start_s = time.perf_counter() - t0
+        if args.prefect_heartbeat is not None:
+            from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+            stack.enter_context(
+                temporary_settings(
+                    updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: args.prefect_heartbeat}
+                )
+            )
+        run_benchmark(args, spec, server_start_s)
+
+
+def run_benchmark(args: argparse.Namespace, spec: Any, server_start_s: float) -> None:
+    from benchmarks._ab import fmt, interleaved, paired_ratios, spread
 
     if args.full_cycle_only:
         t0 = time.perf_counter()
@@ -232,6 +252,7 @@ def main() -> None:
                 "lm_calls_bare": calls["bare"],
                 "lm_calls_flow": calls["dspyflow"],
                 "server_start_s": round(server_start_s, 2),
+                "prefect_flow_heartbeat_s": args.prefect_heartbeat,
                 "cpus": os.cpu_count(),
                 "load_avg_1m": [round(load_before, 2), round(load_after, 2)],
             }

@@ -55,7 +55,11 @@ def temporary_prefect_server() -> Iterator[None]:
     kernel ends it with us. With `PREFECT_API_URL` set (a real server) or off Linux this
     does nothing and Prefect behaves as usual.
     """
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+        temporary_settings,
+    )
 
     if PREFECT_API_URL.value() or not sys.platform.startswith("linux"):
         yield
@@ -85,7 +89,12 @@ def temporary_prefect_server() -> Iterator[None]:
     server = _BoundServer()
     server.start()
     try:
-        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+        # Flow-run heartbeats feed crash-detection automations on a lasting server; this
+        # one dies with the command, so nothing reads them, and the engine's join of the
+        # heartbeat thread costs up to 1 s at the end of every flow run (our own run
+        # heartbeat and dead-pid reaping cover crashes: tasks.recovery).
+        updates = {PREFECT_API_URL: server.api_url, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}
+        with temporary_settings(updates=updates):
             yield
     finally:
         server.stop()
