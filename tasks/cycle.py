@@ -39,6 +39,7 @@ from tasks.budget import (
 )
 from tasks.cycle_timer import CycleMonitor, CycleTimer, PrefectHooks
 from tasks.lm import CycleLM, RateLimiter, build_lm
+from tasks.lm_journal import LMJournal
 from tasks.optimizers import CompileRequest, OptimizeResult, get_optimizer
 from tasks.outcome import OutcomeSpooledError, RunOutcome, record_outcome
 from tasks.programs import TaskDefinition, get_task
@@ -102,7 +103,9 @@ def load_cycle_data(spec: CycleSpec) -> tuple[TaskDefinition, Splits]:
     return task_def, splits
 
 
-RESUMABLE_OPTIMIZERS = ("gepa", "genetic")
+RESUMABLE_OPTIMIZERS = ("gepa", "genetic")  # keep their own state in optimizer_state_dir
+# Resume by replaying the run's LM answers (tasks.lm_journal): deterministic given them.
+JOURNALED_OPTIMIZERS = ("mipro",)
 
 
 def gepa_log_dir(run_id: str) -> Path:
@@ -354,6 +357,7 @@ def run_optimizer(ctx: CycleContext) -> OptimizeResult:
         options=optimizer_options(ctx.spec),
     )
     ctx.monitor.begin_iterations(optimizer.total_iterations(request))
+    journal = _open_journal(ctx)
     # Armed on every attempt: a Prefect retry of `optimize` keeps the budgets (the last
     # attempt disarmed the guard on its way out).
     ctx.guard.arm()
@@ -372,9 +376,37 @@ def run_optimizer(ctx: CycleContext) -> OptimizeResult:
     finally:
         ctx.guard.disarm()  # until the next attempt: the final test evaluation completes
         ctx.monitor.flush()
+        if journal is not None:
+            _close_journal(ctx, journal)
     if result.stopped_early and result.stop_reason is None:
         result.stop_reason = ctx.guard.reason
     return result
+
+
+def _open_journal(ctx: CycleContext) -> LMJournal | None:
+    """MIPROv2 on an engine dspyflow runs (local, sim): answers go to the run's journal,
+    and an earlier attempt's answers are replayed (a resumed run, a Prefect retry)."""
+    engine = ctx.lm.engine
+    if ctx.spec.optimizer not in JOURNALED_OPTIMIZERS or engine is None:
+        return None
+    journal = LMJournal(optimizer_state_dir(ctx.run_id, ctx.spec.optimizer) / "lm-journal.jsonl")
+    if journal.loaded:
+        logger.info("run %s: replaying %d recorded LM answers", ctx.run_id, journal.loaded)
+    engine.journal = journal
+    return journal
+
+
+def _close_journal(ctx: CycleContext, journal: LMJournal) -> None:
+    if ctx.lm.engine is not None:
+        ctx.lm.engine.journal = None
+    journal.close()
+    if journal.loaded:
+        logger.info(
+            "run %s: %d LM answers replayed from the journal, %d new calls",
+            ctx.run_id,
+            journal.replayed,
+            journal.recorded,
+        )
 
 
 # How a stopped cycle ends: it still saves its best program and its test score.
@@ -450,9 +482,9 @@ def record_success(
         written = record_outcome(ctx.repo, _outcome(ctx, state, fields, "its best program"))
     finally:
         release_control(ctx.run_id)
-    if written and ctx.spec.optimizer == "genetic":
+    if written and ctx.spec.optimizer in ("genetic", *JOURNALED_OPTIMIZERS):
         # Recorded: nothing left to resume (a batch of 1000 leaves no 1000 checkpoints).
-        shutil.rmtree(optimizer_state_dir(ctx.run_id, "genetic"), ignore_errors=True)
+        shutil.rmtree(optimizer_state_dir(ctx.run_id, ctx.spec.optimizer), ignore_errors=True)
 
 
 def _error_text(exc: BaseException, ctx: CycleContext | None) -> str:

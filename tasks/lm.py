@@ -32,6 +32,7 @@ from dspy.utils.usage_tracker import UsageTracker
 from tasks.spec import LMSpec
 
 if TYPE_CHECKING:
+    from tasks.lm_journal import LMJournal
     from tasks.programs import TaskDefinition
 
 logger = logging.getLogger(__name__)
@@ -170,6 +171,8 @@ class ManagedEngine:
     on_retry: Callable[[Exception, int], None] | None = None
     supports_response_schema: bool = True
     supported_params: frozenset[str] = frozenset({"response_format", "temperature", "max_tokens"})
+    # Set while a journaled optimizer runs (tasks.lm_journal): replay first, then record.
+    journal: LMJournal | None = None
     retries_done: int = 0
     # The last error that reached DSPy: DSPy's evaluator replaces it with "Execution
     # cancelled due to errors", so the run's recorded reason comes from here.
@@ -177,12 +180,15 @@ class ManagedEngine:
     _rng: random.Random = field(default_factory=random.Random)
 
     def complete(self, request: dspy.lm15.Request) -> Response:
+        journal = self.journal
+        if journal is not None and (replayed := journal.replay(request)) is not None:
+            return replayed  # paid for by an earlier attempt of this run
         attempt = 0
         while True:
             if self.limiter is not None:
                 self.limiter.acquire(tokens=_estimate_tokens(request))
             try:
-                return self.inner.complete(request)
+                response = self.inner.complete(request)
             except Exception as exc:
                 if not is_transient_lm_error(exc) or attempt >= self.retry.retries:
                     text = str(exc).strip()
@@ -196,6 +202,10 @@ class ManagedEngine:
                     self.on_retry(exc, attempt)
                 time.sleep(delay)
                 attempt += 1
+                continue
+            if journal is not None:
+                journal.record(request, response)
+            return response
 
     def stream(self, request: dspy.lm15.Request):  # type: ignore[no-untyped-def]
         from dspy.lm15 import response_to_events

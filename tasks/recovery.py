@@ -18,7 +18,8 @@ best program on the stale row (tasks.cycle.record_success).
 With `requeue` every stale run goes back to `queued` (attempt + 1) for a job queue to run
 again; `resume_runs` (`dspyflow runs recover --resume`) runs them here. A re-run GEPA
 cycle resumes from `$DSPYFLOW_HOME/gepa/<run_id>`, a genetic one from its last generation's
-checkpoint in `$DSPYFLOW_HOME/genetic/<run_id>`; MIPROv2 searches again.
+checkpoint in `$DSPYFLOW_HOME/genetic/<run_id>`, a MIPROv2 one by replaying the LM answers
+journaled in `$DSPYFLOW_HOME/mipro/<run_id>` (tasks.lm_journal; local and sim LMs).
 
 `dspyflow runs recover` calls `recover_stale_runs`; so does a batch flow at its start. Both
 first write outcomes spooled while the database was down (tasks.outcome).
@@ -138,7 +139,7 @@ def recover_stale_runs(
 def resume_runs(repo: Repository, run_ids: list[str]) -> dict[str, str]:
     """Run re-queued runs again in this process, one after another, each under its own id
     and spec: GEPA and the genetic optimizer continue from their saved state, MIPROv2
-    starts its search again; earlier attempts' LM usage and baseline carry over
+    replays its journaled LM answers; earlier attempts' LM usage and baseline carry over
     (tasks.cycle.prepare_cycle). Returns each run's terminal state."""
     from tasks.cycle import execute_cycle, record_failure
     from tasks.spec import CycleSpec

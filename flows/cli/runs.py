@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
 from datetime import datetime
 from typing import Any
 
@@ -160,7 +162,7 @@ def runs_recover(
         False,
         "--resume",
         help="Re-queue stale runs and finish them here: GEPA and genetic runs continue "
-        "from their saved state, MIPROv2 runs search again.",
+        "from their saved state, MIPROv2 runs replay their recorded LM answers.",
     ),
     fmt: OutputFormat = typer.Option(OutputFormat.table, "--format"),
 ) -> None:
@@ -177,7 +179,8 @@ def runs_recover(
         from flows.cli.runtime import quiet_libraries
 
         quiet_libraries()
-        with user_errors():
+        # DSPy and MIPROv2 print progress to stdout; stdout is for our output (JSON).
+        with user_errors(), contextlib.redirect_stdout(sys.stderr):
             resumed = resume_runs(repo, report.requeued)
     if fmt is OutputFormat.json:
         print(json.dumps({**report.model_dump(), "resumed": resumed}, indent=2))
