@@ -18,11 +18,11 @@ def _fail_second_evaluation(monkeypatch: pytest.MonkeyPatch) -> None:
     real = cycle.evaluate_program
     calls = {"n": 0}
 
-    def flaky(ctx: Any, program: Any, examples: Any) -> float:
+    def flaky(ctx: Any, program: Any, examples: Any, **kwargs: Any) -> float:
         calls["n"] += 1
         if calls["n"] == 2:
             raise ConnectionError("LM server went away during the final evaluation")
-        return real(ctx, program, examples)
+        return real(ctx, program, examples, **kwargs)
 
     monkeypatch.setattr(cycle, "evaluate_program", flaky)
 

@@ -325,7 +325,9 @@ def test_exceeded_target_detection(repo: Repository, name: str) -> None:
     phases = {name: round(seconds, 3) for name, seconds in steps.seconds.items()}
     assert summary.state == "timed_out", summary.error
     overran = f"overran its 2 s budget: {elapsed:.2f} s, {phases}, {summary.error}"
-    assert elapsed < 2.0 + 0.6, overran
+    # The guard acts at the next LM call or evaluation; on a loaded 2-core CI machine the
+    # genetic search once went 0.9 s between two (stopped at 2.8 s, ended at 3.07 s).
+    assert elapsed < 2.0 + 1.5, overran
     assert "time budget of 2 s reached" in summary.error
     run = repo.get_run(summary.run_id, with_details=True)
     kinds = [a.kind for a in run.alerts]
