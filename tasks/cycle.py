@@ -238,12 +238,13 @@ def evaluate_program(
         raise ValueError(f"task {ctx.task.name!r} has no examples to evaluate on")
     errors: list[Exception] = []
     control = ctx.guard.control
-    skipped: list[dspy.Prediction] = []  # examples not run after the cancel
+    skipped: dict[int, dspy.Prediction] = {}  # examples not run after the cancel, by id
 
     def run(**inputs: Any) -> Any:
         if cancellable and control.cancelled:
-            skipped.append(dspy.Prediction())  # scored 0 by `metric`; the score is dropped
-            return skipped[-1]
+            placeholder = dspy.Prediction()  # scored 0 by `metric`; the score is dropped
+            skipped[id(placeholder)] = placeholder
+            return placeholder
         try:
             return program(**inputs)
         except Exception as exc:
@@ -251,7 +252,7 @@ def evaluate_program(
             raise
 
     def metric(*args: Any, **kwargs: Any) -> Any:
-        if len(args) > 1 and any(args[1] is p for p in skipped):
+        if len(args) > 1 and id(args[1]) in skipped:
             return 0.0
         try:
             return ctx.task.metric(*args, **kwargs)

@@ -103,8 +103,6 @@ def record_outcome(repo: Repository, outcome: RunOutcome) -> bool:
             what=f"recording run {outcome.run_id}",
         )
     except StorageError as exc:
-        if isinstance(exc, OutcomeSpooledError):
-            raise
         path = spool(outcome)
         logger.error("run %s: %s; its outcome is spooled to %s", outcome.run_id, exc, path)
         raise OutcomeSpooledError(
