@@ -18,7 +18,7 @@ $(BIN)/.installed: pyproject.toml
 install: $(BIN)/.installed
 
 optimize: install
-	# Data caps keep MIPROv2 light on the 135M local model to about 10 minutes on 2 cores.
+	# Data caps keep MIPROv2 light on the 135M local model to about 4.5 minutes on 2 cores.
 	$(BIN)/dspyflow optimize --task intent --optimizer mipro --budget light --lm local \
 		--max-train 40 --max-val 20 --max-test 40
 
@@ -28,3 +28,5 @@ test: install
 
 lint: install
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy

@@ -10,7 +10,7 @@ For each results database it runs, in one process:
 1. a warm-up batch of each arm (imports, Prefect's server, first connections: discarded);
 2. `--rounds` rounds, each running the same jobs both ways in alternating order (bare,
    Prefect; Prefect, bare; ...):
-   - bare: `tasks.batch.run_cycle_job`, the exact function the Prefect task wraps, on a
+   - bare: `tasks.batch.run.run_batch_job`, the exact function the Prefect task wraps, on a
      `ThreadPoolExecutor(workers)` over rows pre-created as the batch does;
    - Prefect: the `optimization-batch` flow over the same jobs (new rows, same seeds).
 
@@ -160,7 +160,7 @@ def prefect_server(kind: str) -> Iterator[None]:
 
 
 def make_jobs(args: argparse.Namespace, count: int, seed: int = 0) -> list[Any]:
-    from tasks.batch_jobs import capacity_jobs
+    from tasks.batch.jobs import capacity_jobs
 
     return capacity_jobs(
         count,
@@ -174,7 +174,7 @@ def make_jobs(args: argparse.Namespace, count: int, seed: int = 0) -> list[Any]:
 def run_bare(specs: list[Any], url: str, workers: int) -> dict[str, Any]:
     """The same job function on a plain thread pool: no Prefect at all."""
     from storage.repository import new_id
-    from tasks.batch import _row, repository_for, run_cycle_job
+    from tasks.batch.run import _row, repository_for, run_batch_job
 
     repo = repository_for(url)
     batch_id = new_id()
@@ -183,7 +183,7 @@ def run_bare(specs: list[Any], url: str, workers: int) -> dict[str, Any]:
     cpu0 = cpu_s()
     started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        states = list(pool.map(lambda s, rid: run_cycle_job(s, rid, url), specs, run_ids))
+        states = list(pool.map(lambda s, rid: run_batch_job(s, rid, url), specs, run_ids))
     wall = time.perf_counter() - started
     cpu1 = cpu_s()
     counts = Counter(states)
@@ -198,12 +198,13 @@ def run_bare(specs: list[Any], url: str, workers: int) -> dict[str, Any]:
 
 def run_prefect(specs: list[Any], url: str, workers: int) -> dict[str, Any]:
     from flows.optimization import run_optimization_batch
+    from tasks.batch.models import BatchOptions
 
     os.environ["DSPYFLOW_DATABASE_URL"] = url
     rss0 = rss_mb()
     cpu0 = cpu_s()
     started = time.perf_counter()
-    summary = run_optimization_batch(specs, workers=workers)
+    summary = run_optimization_batch(specs, BatchOptions(workers=workers))
     flow_wall = time.perf_counter() - started
     cpu1 = cpu_s()
     rss1 = rss_mb()
@@ -219,7 +220,7 @@ def run_prefect(specs: list[Any], url: str, workers: int) -> dict[str, Any]:
 
 def locked_in_runs(url: str) -> int:
     from storage.repository import Repository
-    from tasks.batch import repository_for
+    from tasks.batch.run import repository_for
 
     repo: Repository = repository_for(url)
     return sum(1 for r in repo.list_runs(limit=None) if "locked" in (r.error or ""))
@@ -286,7 +287,7 @@ def bench_database(kind: str, args: argparse.Namespace, locked: LockedCounter) -
                 [m["server_cpu_ms_per_job"] for m in flow_runs], 1
             ),
         }
-        from tasks import batch
+        from tasks.batch import run as batch
 
         with batch._repos_lock:
             batch._repos.clear()

@@ -40,8 +40,8 @@ def bare_cycle(spec) -> dict:  # type: ignore[no-untyped-def]
     """The same work without Prefect or the database."""
     import dspy
 
-    from tasks.cycle import resolve_task
-    from tasks.lm import build_lm
+    from tasks.cycle.data import resolve_task
+    from tasks.lm.providers import build_lm
     from tasks.optimizers import CompileRequest, get_optimizer
 
     task = resolve_task(spec)
@@ -146,7 +146,7 @@ def main() -> None:
     home = Path(tempfile.mkdtemp(prefix="dspyflow-bench-"))
     os.environ.setdefault("DSPYFLOW_HOME", str(home))
 
-    from tasks.spec import CycleSpec, LMSpec
+    from tasks.cycle.spec import CycleSpec, LMSpec
 
     spec = CycleSpec(
         task=args.task,

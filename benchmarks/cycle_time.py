@@ -38,8 +38,8 @@ def run_one(
     task: str, optimizer: str, args: argparse.Namespace, repo: Any
 ) -> tuple[dict[str, Any], list[tuple[int, float]]]:
     """One cycle, step by step so the optimizer's own time is measured."""
-    from tasks import cycle
-    from tasks.spec import CycleSpec, LMSpec
+    from tasks.cycle import steps as cycle
+    from tasks.cycle.spec import CycleSpec, LMSpec
 
     lm = LMSpec(model=args.lm, sim_latency_ms=args.sim_latency_ms)
     n_test = args.max_test
@@ -58,7 +58,7 @@ def run_one(
     )
     started = time.perf_counter()
     steps = cycle.TimedSteps()  # the cycle's one sequence, each step timed
-    cycle.execute_cycle(spec, repo, run_step=steps)
+    cycle.run_cycle(spec, repo, run_step=steps)
     cycle_s = time.perf_counter() - started
     assert steps.ctx is not None
     run = repo.get_run(steps.ctx.run_id, with_details=True)
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.disable(logging.WARNING)  # DSPy/GEPA chatter; the table is the output
 
-    import tasks.cycle_timer as cycle_timer
+    import tasks.cycle.timer as cycle_timer
     from storage.db import get_engine
     from storage.repository import Repository
 

@@ -40,10 +40,10 @@ def main() -> None:
 
     from benchmarks._ab import bootstrap_mean_diff, round_order, spread
     from gpu.device import resolve_device
-    from tasks.demo_selection import DemoSelector
-    from tasks.lm import build_lm
+    from tasks.cycle.spec import LMSpec
+    from tasks.lm.providers import build_lm
+    from tasks.optimizers.demo_selection import DemoSelector
     from tasks.programs import get_task
-    from tasks.spec import LMSpec
 
     task = get_task(args.task)
     splits = task.load_splits()

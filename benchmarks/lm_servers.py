@@ -41,8 +41,8 @@ ALIAS = "smollm2"
 def start_server(threads: int) -> tuple[subprocess.Popen[bytes], str]:
     import httpx
 
-    from tasks.llama_runtime import server_command
-    from tasks.lm import local_model_path
+    from tasks.lm.llama_runtime import server_command
+    from tasks.lm.local import local_model_path
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -66,7 +66,7 @@ def start_server(threads: int) -> tuple[subprocess.Popen[bytes], str]:
 
 
 def evaluate(spec: Any, task: Any, examples: list[Any]) -> dict[str, float]:
-    from tasks.lm import build_lm
+    from tasks.lm.providers import build_lm
 
     cycle_lm = build_lm(spec, task)
     program = task.build_program()
@@ -97,8 +97,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     args = parser.parse_args()
 
+    from tasks.cycle.spec import LMSpec
     from tasks.programs import get_task
-    from tasks.spec import LMSpec
 
     threads = int(os.environ.get("DSPYFLOW_LOCAL_THREADS", os.cpu_count() or 1))
     task = get_task("intent")

@@ -32,25 +32,36 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 # name -> LocalLlamaEngine options
 CONFIGS: dict[str, dict[str, Any]] = {
     "t1": {"n_threads": 1, "n_threads_batch": 1, "extra_bufts": True, "prompt_cache_mb": 0},
-    "t1b2-cache": {"n_threads": 1, "n_threads_batch": 2, "extra_bufts": True,
-                   "prompt_cache_mb": 512},
+    "t1b2-cache": {
+        "n_threads": 1,
+        "n_threads_batch": 2,
+        "extra_bufts": True,
+        "prompt_cache_mb": 512,
+    },
     "t2": {"n_threads": 2, "n_threads_batch": 2, "extra_bufts": True, "prompt_cache_mb": 0},
-    "t1-nobufts": {"n_threads": 1, "n_threads_batch": 1, "extra_bufts": False,
-                   "prompt_cache_mb": 0},
-    "t1-cache": {"n_threads": 1, "n_threads_batch": 1, "extra_bufts": True,
-                 "prompt_cache_mb": 512},
-    "t2-cache": {"n_threads": 2, "n_threads_batch": 2, "extra_bufts": True,
-                 "prompt_cache_mb": 512},
+    "t1-nobufts": {
+        "n_threads": 1,
+        "n_threads_batch": 1,
+        "extra_bufts": False,
+        "prompt_cache_mb": 0,
+    },
+    "t1-cache": {"n_threads": 1, "n_threads_batch": 1, "extra_bufts": True, "prompt_cache_mb": 512},
+    "t2-cache": {"n_threads": 2, "n_threads_batch": 2, "extra_bufts": True, "prompt_cache_mb": 512},
 }
+# The same with llama.cpp's batch size (llama-cpp-python keeps n_batch x vocabulary
+# logits and copies them with every cached state): -b128, -b64, ...
+for _name, _options in list(CONFIGS.items()):
+    for _n_batch in (256, 128, 64, 32):
+        CONFIGS[f"{_name}-b{_n_batch}"] = {**_options, "n_batch": _n_batch}
 
 
 def capture_requests(calls: int, per_trial: int) -> list[Any]:
     """The requests a MIPROv2-like search on the intent task sends, in order: trials of
     `per_trial` validation examples, each trial one candidate (instruction x demo set),
     candidates revisited as Optuna does."""
-    from tasks.lm import build_lm
+    from tasks.cycle.spec import LMSpec
+    from tasks.lm.providers import build_lm
     from tasks.programs import get_task
-    from tasks.spec import LMSpec
 
     task = get_task("intent")
     splits = task.load_splits()
@@ -108,7 +119,7 @@ def main() -> None:
     )  # fmt: skip
     args = parser.parse_args()
 
-    from tasks.lm import LocalLlamaEngine
+    from tasks.lm.local import LocalLlamaEngine
 
     names = [n.strip() for n in args.configs.split(",") if n.strip()]
     unknown = [n for n in names if n not in CONFIGS]
@@ -116,9 +127,7 @@ def main() -> None:
         parser.error(f"unknown configs {unknown}; known: {', '.join(CONFIGS)}")
     requests = capture_requests(args.calls, args.per_trial)
     engines = {name: LocalLlamaEngine(**CONFIGS[name]) for name in names}
-    busy = (
-        subprocess.Popen([sys.executable, "-c", "while True: pass"]) if args.busy_core else None
-    )
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if args.busy_core else None
     per_call: dict[str, list[float]] = {name: [] for name in names}
     for round_no in range(args.rounds + 1):
         order = names if round_no % 2 == 0 else list(reversed(names))

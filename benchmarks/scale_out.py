@@ -4,14 +4,14 @@ single-process thread runner, in one run, on one machine, with real processes.
     python benchmarks/scale_out.py                     # 200 jobs per configuration
     python benchmarks/scale_out.py --jobs 100 --long 1000
 
-Started here, as an operator would (tasks.local_cluster): `prefect server start` on its
+Started here, as an operator would (tasks.batch.local_cluster): `prefect server start` on its
 own fresh PostgreSQL database, a `dask scheduler`, `dask worker` processes; the results
 go to a fresh PostgreSQL database. This process submits every batch (the
 `optimization-batch` flow, `PREFECT_API_URL` set to that server). Configurations, in
 order, each on the same job list (a capacity workload, simulated LM: `capacity` cycles
 of 10 LM calls, 20 ms median latency, 5 % transient 429/503 errors retried):
 
-- `bare`: `tasks.batch.run_cycle_job` on a thread pool in this process, no Prefect: the
+- `bare`: `tasks.batch.run.run_batch_job` on a thread pool in this process, no Prefect: the
   CPU of dspyflow's own code per job (DSPy, the sim LM, the results database);
 - `threads`: the flow with the thread runner (`--slots` threads) in this process;
 - `dask-1`, `dask-2`, `dask-4`: the flow with the Dask runner, `--slots` task slots
@@ -99,7 +99,7 @@ class Meter:
         self.cluster = cluster
 
     def read(self) -> dict[str, float]:
-        from tasks.local_cluster import CpuSeconds
+        from tasks.batch.local_cluster import CpuSeconds
 
         return {
             "self": own_cpu(),
@@ -113,7 +113,7 @@ class Meter:
         """Wait until Prefect's server is idle: it records task runs from an event queue
         and lags the batch by seconds; that CPU belongs to the batch just run, not to the
         next one. Returns the seconds waited."""
-        from tasks.local_cluster import CpuSeconds
+        from tasks.batch.local_cluster import CpuSeconds
 
         started = time.monotonic()
         last = CpuSeconds.of(self.cluster.pids("prefect-server")).total
@@ -179,7 +179,7 @@ class ConnectionPeak:
 
 
 def make_jobs(args: argparse.Namespace, count: int, seed: int) -> list[Any]:
-    from tasks.batch_jobs import capacity_jobs
+    from tasks.batch.jobs import capacity_jobs
 
     return capacity_jobs(
         count,
@@ -192,7 +192,7 @@ def make_jobs(args: argparse.Namespace, count: int, seed: int) -> list[Any]:
 
 def run_bare(specs: list[Any], url: str, slots: int, meter: Meter) -> dict[str, Any]:
     from storage.repository import new_id
-    from tasks.batch import _row, repository_for, run_cycle_job
+    from tasks.batch.run import _row, repository_for, run_batch_job
 
     repo = repository_for(url)
     batch_id = new_id()
@@ -202,7 +202,7 @@ def run_bare(specs: list[Any], url: str, slots: int, meter: Meter) -> dict[str, 
     before = meter.read()
     started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=slots) as pool:
-        states = list(pool.map(lambda s, rid: run_cycle_job(s, rid, url), specs, run_ids))
+        states = list(pool.map(lambda s, rid: run_batch_job(s, rid, url), specs, run_ids))
     wall = time.perf_counter() - started
     after = meter.read()
     counts = Counter(states)
@@ -224,12 +224,13 @@ def run_flow(
     from flows.optimization import run_optimization_batch
     from storage.db import get_engine
     from storage.repository import Repository
+    from tasks.batch.models import BatchOptions
 
     meter.settle()
     before = meter.read()
     started = time.perf_counter()
     with ConnectionPeak(url) as connections:
-        summary = run_optimization_batch(specs, workers=slots, **options)
+        summary = run_optimization_batch(specs, BatchOptions(workers=slots, **options))
     wall = time.perf_counter() - started
     server_lag = meter.settle()  # the server's recording of these task runs included
     after = meter.read()
@@ -282,7 +283,7 @@ def task_thread_split(directory: Path) -> dict[str, float]:
         "tasks": n,
         "prefect_hydrate_context": round(hydrate, 1),
         "prefect_engine_other": round(engine - hydrate - job, 1),
-        "run_cycle_job": round(job, 1),
+        "run_batch_job": round(job, 1),
     }
 
 
@@ -298,7 +299,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from flows.cli.runtime import prepare_runtime, quiet_libraries
-    from tasks.local_cluster import LocalCluster
+    from tasks.batch.local_cluster import LocalCluster
 
     prepare_runtime()
     processes = [int(p) for p in args.processes.split(",") if p.strip()]

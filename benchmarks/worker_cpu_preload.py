@@ -9,7 +9,7 @@ set to a directory. For every Prefect task the worker runs, one line is appended
 - `hydrate`: entering `prefect.context.hydrated_context` (Prefect rebuilds the
   submitter's settings, flow-run and task-run contexts from their serialized form);
 - `engine`: all of `run_task_sync` (the task engine: states, events, the task itself);
-- `job`: `tasks.batch.run_cycle_job`, dspyflow's cycle, in that thread only (the DSPy
+- `job`: `tasks.batch.run.run_batch_job`, dspyflow's cycle, in that thread only (the DSPy
   evaluation threads and the cycle monitor run elsewhere: see the whole-process CPU).
 """
 
@@ -34,13 +34,13 @@ def _add(key: str, value: float) -> None:
 if _DIR:
     import prefect.task_engine as engine
 
-    import tasks.batch as batch
+    import tasks.batch.run as batch
 
     if not getattr(engine.run_task_sync, "cpu_log", False):
         path = Path(_DIR) / f"{os.getpid()}.log"
         run_task_sync = engine.run_task_sync
         hydrated_context = engine.hydrated_context
-        run_cycle_job = batch.run_cycle_job
+        run_batch_job = batch.run_batch_job
 
         @contextlib.contextmanager
         def timed_context(*args: Any, **kwargs: Any) -> Iterator[None]:
@@ -52,7 +52,7 @@ if _DIR:
         def timed_job(*args: Any, **kwargs: Any) -> Any:
             started = time.thread_time()
             try:
-                return run_cycle_job(*args, **kwargs)
+                return run_batch_job(*args, **kwargs)
             finally:
                 _add("job", time.thread_time() - started)
 
@@ -73,7 +73,7 @@ if _DIR:
         timed_run.cpu_log = True  # type: ignore[attr-defined]
         engine.run_task_sync = timed_run  # type: ignore[assignment]
         engine.hydrated_context = timed_context  # type: ignore[assignment]
-        batch.run_cycle_job = timed_job  # type: ignore[assignment]
+        batch.run_batch_job = timed_job  # type: ignore[assignment]
 
 
 def read(directory: Path) -> list[tuple[float, float, float]]:

@@ -82,6 +82,11 @@ def gpu_benchmark(
     """Benchmark the GPU ops (ours vs plain torch, vs the CPU, vs measured peaks).
 
     Returns the summary (the same figures `benchmarks/gpu_ops.py` prints last).
+
+    Args:
+        device: auto, cuda, cuda:N, mps or cpu.
+        sizes: small (a quick check) or full (the targets' sizes).
+        store: Store the results in the results database.
     """
     result = run_gpu_suite(device, sizes)
     if store:

@@ -18,6 +18,11 @@ def load_test(config: LoadTestConfig, run_id: str | None = None) -> LoadTestOutc
 
     The config is validated (by pydantic, as the flow's parameter) before any request is
     sent. The run, its windows and histograms are recorded before a breach is raised.
+
+    Args:
+        config: The load test: target, rate model (constant, ramp-up, spike, wave),
+            duration, concurrency cap and thresholds.
+        run_id: The load-test row to record into; a new one when empty.
     """
     if not config.has_target:
         raise ValueError("config: give a target: url, callable or program_run_id")
@@ -52,10 +57,10 @@ def load_test(config: LoadTestConfig, run_id: str | None = None) -> LoadTestOutc
 
 
 class Tier(BaseModel):
-    name: str
-    rps: float = Field(gt=0)
-    max_concurrency: int = Field(ge=1)
-    duration_s: float = Field(gt=0)
+    name: str = Field(description="The tier's name; its metrics are load.<name>.*.")
+    rps: float = Field(gt=0, description="Requests per second, constant.")
+    max_concurrency: int = Field(ge=1, description="Requests in flight at most.")
+    duration_s: float = Field(gt=0, description="How long the tier runs, in seconds.")
 
 
 # The seed's performance tiers, and its sustained high load (100 RPS for 30 s).
@@ -88,6 +93,13 @@ def load_tiers(
     Each tier must keep errors under ``max_error_rate`` and achieve ``min_throughput_ratio``
     of its rate (the seed's pass marks), plus any extra ``thresholds``. Every tier runs; the
     flow fails at the end if any tier failed.
+
+    Args:
+        url: The target URL.
+        tiers: The tiers (name, rps, duration, concurrency); the default tiers when empty.
+        thresholds: Extra k6-style thresholds every tier must meet (`p95<500ms`, ...).
+        min_throughput_ratio: The share of its target rate each tier must achieve.
+        max_error_rate: The error rate each tier must stay under.
     """
     configs = [
         LoadTestConfig(

@@ -1,8 +1,9 @@
 """The `nightly-benchmarks` flow: cycle, GPU-ops and load-tier benchmarks, stored as one
 benchmark session and compared with each metric's history (asv-style regressions).
 
-Thin composition over tasks/nightly.py and tasks/regression.py. Scheduled by prefect.yaml
-at 02:00 UTC; every parameter has a default, so the schedule and the UI's quick run work.
+Thin composition over tasks/nightly/suite.py and tasks/nightly/regression.py. Scheduled by
+prefect.yaml at 02:00 UTC; every parameter has a default, so the schedule and the UI's
+quick run work.
 """
 
 from __future__ import annotations
@@ -13,13 +14,15 @@ from collections.abc import Callable
 from typing import Any
 
 from prefect import flow
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from flows.load_test import Tier, load_test
 from storage.repository import new_id
+from tasks.cycle.spec import KNOWN_OPTIMIZERS
 from tasks.load.config import LoadTestConfig
 from tasks.load.steps import LoadTestOutcome, ThresholdsBreachedError
-from tasks.nightly import (
+from tasks.nightly.regression import RegressionSettings
+from tasks.nightly.suite import (
     BenchmarkRow,
     CycleBenchmark,
     NightlyReport,
@@ -34,7 +37,6 @@ from tasks.nightly import (
     run_gpu_benchmark,
     store_rows,
 )
-from tasks.regression import RegressionSettings
 
 # Short tiers: a nightly measures trends, the seed's full tiers are the `load-tiers` flow's.
 NIGHTLY_TIERS: tuple[Tier, ...] = (
@@ -45,20 +47,45 @@ NIGHTLY_TIERS: tuple[Tier, ...] = (
 
 
 class NightlyOptions(BaseModel):
-    """The flow's parameters, validated together (bad values fail before any work)."""
+    """The nightly flow's one parameter, validated together: bad values fail before any
+    work. Every field's description is its help in the Prefect UI's run form."""
 
-    sim_repeats: int = Field(3, ge=1, le=100)
-    sim_optimizer: str = "mipro"
-    local_lm: bool = True
-    local_repeats: int = Field(3, ge=1, le=100)
-    gpu: bool = True
-    gpu_device: str = "auto"
-    gpu_reps: int = Field(5, ge=2, le=1000)
-    load: bool = True
-    tiers: list[Tier] = Field(default_factory=lambda: list(NIGHTLY_TIERS))
+    model_config = ConfigDict(extra="forbid")
+
+    sim_repeats: int = Field(3, ge=1, le=100, description="Cycles on the simulated LM.")
+    sim_optimizer: str = Field(
+        "mipro", description="The optimizer of those cycles: mipro, gepa or genetic."
+    )
+    local_lm: bool = Field(
+        True, description="Also benchmark cycles on the embedded local LM, when installed."
+    )
+    local_repeats: int = Field(3, ge=1, le=100, description="Cycles on the local LM.")
+    gpu: bool = Field(True, description="Benchmark the GPU ops (the CPU when no GPU is present).")
+    gpu_device: str = Field("auto", description="auto, cuda, cuda:N, mps or cpu.")
+    gpu_reps: int = Field(5, ge=2, le=1000, description="Timed repetitions per GPU case.")
+    load: bool = Field(True, description="Run the load tiers against a loopback server.")
+    tiers: list[Tier] = Field(
+        default_factory=lambda: list(NIGHTLY_TIERS),
+        description="The load tiers: name, rps, max_concurrency, duration_s.",
+    )
     window_s: float = Field(0.5, gt=0, le=60, description="Load windows: one sample each.")
-    regression: RegressionSettings = Field(default_factory=RegressionSettings)
-    fail_on_regression: bool = False
+    regression: RegressionSettings = Field(
+        default_factory=RegressionSettings,
+        description="When a metric regressed: its ratio to the recent median is beyond "
+        "ratio_threshold AND the Mann-Whitney p-value is below p_threshold, against the "
+        "last `lookback` runs on this environment.",
+    )
+    fail_on_regression: bool = Field(
+        False, description="Fail the flow run when any metric regressed."
+    )
+
+    @field_validator("sim_optimizer")
+    @classmethod
+    def _real_optimizer(cls, value: str) -> str:
+        real = [name for name in KNOWN_OPTIMIZERS if name != "capacity"]
+        if value not in real:
+            raise ValueError(f"unknown optimizer {value!r}; known: {', '.join(real)}")
+        return value
 
 
 Rows = list[BenchmarkRow]
@@ -91,42 +118,18 @@ def _part(name: str, fn: Callable[[], Rows | tuple[Rows, str]], rows: Rows) -> P
 
 
 @flow(name="nightly-benchmarks", persist_result=False, log_prints=True)
-def nightly_benchmarks(
-    sim_repeats: int = 3,
-    sim_optimizer: str = "mipro",
-    local_lm: bool = True,
-    local_repeats: int = 3,
-    gpu: bool = True,
-    gpu_device: str = "auto",
-    gpu_reps: int = 5,
-    load: bool = True,
-    tiers: list[Tier] | None = None,
-    ratio_threshold: float = 1.1,
-    p_threshold: float = 0.05,
-    lookback: int = 5,
-    fail_on_regression: bool = False,
-) -> NightlyReport:
+def nightly_benchmarks(options: NightlyOptions | None = None) -> NightlyReport:
     """Benchmark cycles (sim LM; the local LM too when installed), the GPU ops (small sizes;
     the CPU without a GPU) and load tiers against a loopback server; store one session;
-    flag regressions (ratio beyond `ratio_threshold` AND Mann-Whitney p < `p_threshold`
-    against the last `lookback` runs on this environment); publish a report artifact and
-    a `dspyflow.benchmark.regression` event per regressed metric.
+    flag regressions (ratio AND Mann-Whitney U against this environment's history);
+    publish a report artifact and a `dspyflow.benchmark.regression` event per regressed
+    metric.
+
+    Args:
+        options: What to benchmark and how regressions are judged (each field has its own
+            help); every field has a default, so the schedule and the UI's quick run work.
     """
-    options = NightlyOptions(
-        sim_repeats=sim_repeats,
-        sim_optimizer=sim_optimizer,
-        local_lm=local_lm,
-        local_repeats=local_repeats,
-        gpu=gpu,
-        gpu_device=gpu_device,
-        gpu_reps=gpu_reps,
-        load=load,
-        regression=RegressionSettings(
-            ratio_threshold=ratio_threshold, p_threshold=p_threshold, lookback=lookback
-        ),
-        fail_on_regression=fail_on_regression,
-        **({"tiers": tiers} if tiers is not None else {}),
-    )
+    options = options or NightlyOptions()
     env = environment_task(new_id(), options.gpu_device)
     print(f"nightly session {env.session_id} on {env.device}, fingerprint {env.env_fingerprint}")
     rows: list[BenchmarkRow] = []

@@ -19,19 +19,14 @@ How it times (see docs/gpu.md):
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
-import platform
 import statistics
-import subprocess
 import time
 import traceback
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -40,15 +35,15 @@ import torch.nn.functional as F
 from pydantic import BaseModel, Field
 
 from gpu import tensor_ops as ops
-from gpu.device import DeviceInfo, cpu_model, device_info, resolve_device, synchronize
+from gpu.device import DeviceInfo, device_info, resolve_device, synchronize
 from gpu.memory import track_tensor_allocations
+from gpu.timing import DTYPES, PeakFigures, Sizes, Timer, Timing, measure_peaks
+from storage.environment import environment as host_environment
+from storage.environment import fingerprint
 
 log = logging.getLogger("dspyflow.gpu.benchmark")
 
-Sizes = Literal["small", "full"]
 SUITE = "gpu"
-FLUSH_BYTES = 256 * 1024**2
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _SHORT = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
 
@@ -151,7 +146,7 @@ class _Bench:
 
     def __init__(self, case: OpCase, device: torch.device, seed: int) -> None:
         self.case, self.device = case, device
-        self.dtype = _DTYPES[case.dtype]
+        self.dtype = DTYPES[case.dtype]
         gen = torch.Generator(device="cpu").manual_seed(seed)
         s = case.shape
 
@@ -160,7 +155,7 @@ class _Bench:
             return torch.randn(*shape, generator=gen).to(device=device, dtype=self.dtype)
 
         if case.op == "matmul":
-            self.inputs = (rnd(s["m"], s["k"]), rnd(s["k"], s["n"]))
+            self.inputs: tuple[torch.Tensor, ...] = (rnd(s["m"], s["k"]), rnd(s["k"], s["n"]))
         elif case.op == "normalize":
             self.inputs = (rnd(s["n"], s["d"]),)
         elif case.op in ("pairwise_l2", "cosine_similarity"):
@@ -179,7 +174,7 @@ class _Bench:
         if c.op == "matmul":
             return ops.matmul(*x)
         if c.op == "normalize":
-            return ops.normalize_rows(*x)
+            return ops.normalize_rows(x[0])
         if c.op == "pairwise_l2":
             return ops.pairwise_l2(*x, allow_tf32=c.tf32)
         if c.op == "cosine_similarity":
@@ -242,8 +237,8 @@ class _Bench:
         if c.op == "pairwise_l2":
             if c.tf32:
                 with ops.tf32_enabled(True):
-                    return torch.cdist(*x)
-            return torch.cdist(*x)
+                    return torch.cdist(x[0], x[1])
+            return torch.cdist(x[0], x[1])
         if c.op == "cosine_similarity":
             return F.normalize(x[0], dim=1) @ F.normalize(x[1], dim=1).T
         return torch.topk(F.normalize(x[0], dim=1) @ x[1].T, c.k or 1, dim=1)
@@ -312,199 +307,12 @@ class _Bench:
         return float(np.max(np.abs(got_np - ref)))
 
 
-# --- timing ---------------------------------------------------------------------------
-
-
-class Timing(BaseModel):
-    samples_ms: list[float]
-    median_ms: float
-    q1_ms: float
-    q3_ms: float
-    iqr_ms: float
-    min_ms: float
-    max_ms: float = 0.0
-    n: int = 0
-    cold: bool  # L2 flushed before each repetition
-    timer: str  # "cuda-events" or "perf_counter"
-    first_call_ms: float | None = None  # before any warm-up: compile, handles, page faults
-
-    @classmethod
-    def of(
-        cls, samples: list[float], *, cold: bool, timer: str, first_call_ms: float | None = None
-    ) -> Timing:
-        s = sorted(samples)
-        q = statistics.quantiles(s, n=4, method="inclusive") if len(s) > 1 else [s[0]] * 3
-        return cls(
-            samples_ms=samples,
-            median_ms=statistics.median(s),
-            q1_ms=q[0],
-            q3_ms=q[2],
-            iqr_ms=q[2] - q[0],
-            min_ms=s[0],
-            max_ms=s[-1],
-            n=len(s),
-            cold=cold,
-            timer=timer,
-            first_call_ms=first_call_ms,
-        )
-
-
-class Timer:
-    """Times callables on one device: CUDA events + L2 flush on GPUs, perf_counter on CPUs."""
-
-    def __init__(self, device: torch.device, *, flush: bool = True) -> None:
-        self.device = device
-        self.cuda = device.type == "cuda"
-        self._flush_buf = (
-            torch.empty(FLUSH_BYTES // 4, dtype=torch.int32, device=device)
-            if self.cuda and flush
-            else None
-        )
-
-    @property
-    def name(self) -> str:
-        return "cuda-events" if self.cuda else "perf_counter"
-
-    @property
-    def cold(self) -> bool:
-        return self._flush_buf is not None
-
-    def once(self, fn: Callable[[], Any]) -> float:
-        """One timed call in ms (flushing L2 first on GPUs)."""
-        if self.cuda:
-            if self._flush_buf is not None:
-                self._flush_buf.zero_()  # same stream, so it finishes before `start`
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            return float(start.elapsed_time(end))
-        synchronize(self.device)
-        t0 = time.perf_counter()
-        fn()
-        synchronize(self.device)  # MPS is asynchronous like CUDA; the CPU: a no-op
-        return (time.perf_counter() - t0) * 1e3
-
-    def measure(self, fn: Callable[[], Any], *, warmup: int, reps: int) -> Timing:
-        return self.interleaved([fn], warmup=warmup, reps=reps)[0]
-
-    def interleaved(self, fns: list[Callable[[], Any]], *, warmup: int, reps: int) -> list[Timing]:
-        """First call, warm-up (both discarded), then repetitions interleaving the callables
-        in alternating order (A B, B A, ...): neither always runs first on warm caches."""
-        first = [self.once(fn) for fn in fns]
-        for _ in range(warmup):
-            for fn in fns:
-                fn()
-        synchronize(self.device)
-        samples: list[list[float]] = [[] for _ in fns]
-        order = list(range(len(fns)))
-        for rep in range(reps):
-            for i in order if rep % 2 == 0 else order[::-1]:
-                samples[i].append(self.once(fns[i]))
-        return [
-            Timing.of(s, cold=self.cold, timer=self.name, first_call_ms=f)
-            for s, f in zip(samples, first, strict=True)
-        ]
-
-
-# --- peaks ----------------------------------------------------------------------------
-
-
-class PeakFigures(BaseModel):
-    """Ceilings measured once per run on the device the ops run on."""
-
-    device: str
-    copy_gbps: float
-    copy_bytes: int
-    matmul_tflops: dict[str, float]  # by compute dtype: float32, float16, bfloat16, tf32
-    matmul_n: int
-
-
-def measure_peaks(device: torch.device, sizes: Sizes, *, reps: int | None = None) -> PeakFigures:
-    reps = reps or (3 if sizes == "small" else 10)
-    timer = Timer(device, flush=False)
-    gpu = device.type != "cpu"
-    copy_bytes = (1024**3 if gpu else 256 * 1024**2) if sizes == "full" else 32 * 1024**2
-    if gpu and sizes == "small":
-        copy_bytes = 256 * 1024**2
-    src = torch.empty(copy_bytes // 4, dtype=torch.float32, device=device).uniform_()
-    dst = torch.empty_like(src)
-    t = timer.measure(lambda: dst.copy_(src), warmup=2, reps=reps)
-    # Ceilings use the best repetition: a peak is what the device can do, and noise from
-    # a shared machine only ever makes a repetition slower.
-    copy_gbps = 2 * copy_bytes / (t.min_ms * 1e-3) / 1e9  # read + write
-    n = 8192 if gpu and sizes == "full" else (4096 if gpu else (2048 if sizes == "full" else 1024))
-    tflops: dict[str, float] = {}
-    kinds = ["float32", "float16", "bfloat16"] + (["tf32"] if device.type == "cuda" else [])
-    for kind in kinds:
-        dt = torch.float32 if kind == "tf32" else _DTYPES[kind]
-        if not gpu and dt != torch.float32:
-            continue  # CPU half ops compute in fp32: their ceiling is the fp32 one
-        a = torch.randn(n, n, device=device, dtype=torch.float32).to(dt)
-        b = torch.randn(n, n, device=device, dtype=torch.float32).to(dt)
-        with ops.tf32_enabled(kind == "tf32"):
-            t = timer.measure(lambda a=a, b=b: torch.mm(a, b), warmup=2, reps=reps)
-        tflops[kind] = 2.0 * n**3 / (t.min_ms * 1e-3) / 1e12
-    if not gpu:
-        tflops["float16"] = tflops["bfloat16"] = tflops["float32"]
-    return PeakFigures(
-        device=str(device),
-        copy_gbps=copy_gbps,
-        copy_bytes=copy_bytes,
-        matmul_tflops=tflops,
-        matmul_n=n,
-    )
-
-
 # --- environment ----------------------------------------------------------------------
 
 
-def git_commit(cwd: Path | None = None) -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=cwd or Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        )
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def environment(info: DeviceInfo) -> dict[str, Any]:
-    return {
-        "device_name": info.name,
-        "device_type": info.device.split(":")[0],
-        "backend": str(info.backend),
-        "compute_capability": info.compute_capability,
-        "total_memory_bytes": info.total_memory_bytes,
-        "driver": info.driver,
-        "runtime": info.runtime_version,
-        "torch_version": torch.__version__,
-        "numpy_version": np.__version__,
-        "python": platform.python_version(),
-        "cpu_model": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "os": f"{platform.system()} {platform.release()}",
-        "git_commit": git_commit(),
-    }
-
-
-def fingerprint(env: dict[str, Any]) -> str:
-    """A short stable hash of the hardware and software stack.
-
-    The commit is recorded in the environment but left out of the hash: figures from
-    different commits on the same stack must compare (that is what regressions are);
-    the free memory and the kernel release are left out too (they drift between runs).
-    """
-    stable = {k: v for k, v in env.items() if k not in ("git_commit", "os")}
-    blob = json.dumps(stable, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+    """The device's facts and this host's (storage.environment fingerprints them)."""
+    return host_environment(info.environment_facts())
 
 
 # --- results --------------------------------------------------------------------------

@@ -13,10 +13,13 @@ import platform
 from collections.abc import Iterator
 from enum import StrEnum
 from functools import lru_cache
+from typing import Any
 
 import psutil
 import torch
 from pydantic import BaseModel, ConfigDict
+
+from storage.environment import cpu_model
 
 log = logging.getLogger("dspyflow.gpu.device")
 
@@ -50,6 +53,19 @@ class DeviceInfo(BaseModel):
     runtime_version: str | None = None  # CUDA or HIP runtime torch was built with
     driver: str | None = None
     cpu_threads: int | None = None
+
+    def environment_facts(self) -> dict[str, Any]:
+        """The facts that key benchmark history (storage.environment adds the host's)."""
+        return {
+            "device_name": self.name,
+            "device_type": self.device.split(":")[0],
+            "backend": str(self.backend),
+            "compute_capability": self.compute_capability,
+            "total_memory_bytes": self.total_memory_bytes,
+            "driver": self.driver,
+            "runtime": self.runtime_version,
+            "torch_version": self.torch_version,
+        }
 
 
 # --- detection ------------------------------------------------------------------------
@@ -184,17 +200,6 @@ def synchronize(device: DeviceSpec | None = None) -> None:
 
 
 @lru_cache(maxsize=1)
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown cpu"
-
-
 @lru_cache(maxsize=1)
 def nvidia_driver_version() -> str | None:
     """The NVIDIA kernel driver version via NVML (nvidia-ml-py), if there is one."""

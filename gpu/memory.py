@@ -171,7 +171,7 @@ class _TrackingMode(TorchDispatchMode):
         # dynamo.disable, whose first call imports torch._dynamo (seconds on 2 cores).
         return False
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         # Storages of the inputs (including out= buffers) are not new allocations.
         preexisting = {

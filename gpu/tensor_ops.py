@@ -832,7 +832,7 @@ def plan_topk(
         query_bytes = 2 * qb * dim * sb  # the query block and its normalized copy
         query_bytes += 2 * qb * dim * 4 if rescored and sb != 4 else 0  # + float32 ones
         cand_bytes = qb * k * (sb + 8) * (_MERGE_EVERY + 2)
-        per_row = copies * (dim * sb + 4)
+        per_row: float = copies * (dim * sb + 4)
         if rescored:  # gathered rows + candidate columns, scores and masks
             units = k + _MARGIN_UNITS + k // 8
             cand_bytes += rescore_bytes + qb * units * _GROUP * (8 + 4 + 1) + qb * k * 12

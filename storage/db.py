@@ -73,7 +73,7 @@ class StorageSettings(BaseSettings):
     # SQLite: how long a writer waits for the write lock before "database is locked".
     db_busy_timeout: float = Field(60.0, gt=0, allow_inf_nan=False)
     # How long a finished run's outcome write is retried while the database is unreachable
-    # or busy; after that it is spooled to $DSPYFLOW_HOME/outbox (tasks.outcome).
+    # or busy; after that it is spooled to $DSPYFLOW_HOME/outbox (tasks.cycle.outcome).
     record_retry_s: float = Field(60.0, ge=0, allow_inf_nan=False)
 
     def resolved_url(self) -> str:
@@ -138,7 +138,7 @@ class _BoundedPool(QueuePool):
 
 def _configure_sqlite(engine: Engine, busy_timeout_s: float) -> None:
     @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
+    def _on_connect(dbapi_conn, _record) -> None:
         # Let SQLAlchemy, not pysqlite, open transactions (see the begin hook below).
         dbapi_conn.isolation_level = None
         cur = dbapi_conn.cursor()
@@ -343,7 +343,7 @@ def retry_while_unreachable(call: Callable[[], T], *, within_s: float, what: str
 # --- schema version -------------------------------------------------------------------
 
 
-def _alembic_config(engine: Engine):  # type: ignore[no-untyped-def]
+def _alembic_config(engine: Engine):
     from alembic.config import Config
 
     cfg = Config()

@@ -2,7 +2,7 @@
 
 Narrow tables, times set by the database, JSON columns for the parts users read back
 whole (specs, program state, histograms). The schema changes only through Alembic
-(`migrations/`); `storage.db.SCHEMA_REVISION` names the head these models match.
+(`migrations/`); `storage.db.head_revision()` names the head these models match.
 """
 
 from __future__ import annotations
@@ -107,6 +107,9 @@ class OptimizationRun(Base):
     error: Mapped[str | None] = mapped_column(Text)
     program_state: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     flow_run_id: Mapped[str | None] = mapped_column(String(64))
+    # An operator's stop request for a running run (`runs cancel`: its reason). The worker
+    # reads it with each heartbeat, so it reaches any process, with or without Prefect.
+    cancel_request: Mapped[str | None] = mapped_column(Text)
     # Which simulated/real provider produced the figures: reports must say when `sim` was used.
     simulated: Mapped[bool] = mapped_column(Boolean, default=False)
 
@@ -116,6 +119,13 @@ class OptimizationRun(Base):
     alerts: Mapped[list[RunAlert]] = relationship(
         back_populates="run", cascade="all, delete-orphan", order_by="RunAlert.id"
     )
+
+    @property
+    def duration_s(self) -> float | None:
+        """Seconds from the claim to the terminal state; None until both are set."""
+        if self.finished_at is None or self.started_at is None:
+            return None
+        return (self.finished_at - self.started_at).total_seconds()
 
     __table_args__ = (
         Index("ix_runs_state_priority", "state", "priority", "created_at"),
@@ -139,6 +149,8 @@ class ProgressSample(Base):
     throughput: Mapped[float | None] = mapped_column(Float)  # iterations per second
     eta_s: Mapped[float | None] = mapped_column(Float)
     best_score: Mapped[float | None] = mapped_column(Float)
+    # The latest iteration's candidate at sample time (None: the optimizer reports none).
+    score: Mapped[float | None] = mapped_column(Float)
     lm_calls: Mapped[int | None] = mapped_column(Integer)
 
     run: Mapped[OptimizationRun] = relationship(back_populates="samples")

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from enum import StrEnum
+from typing import Any, cast
 
-from sqlalchemy import Engine, Select, func, select, update
+from sqlalchemy import CursorResult, Engine, Result, Select, func, select, update
 from sqlalchemy.orm import Session, selectinload
 
 from storage.db import check_schema, connect_checked, get_engine, session_factory
@@ -116,21 +118,50 @@ class Repository:
                     lease=lease,
                 )
             )
-            return lease if result.rowcount == 1 else None
+            return lease if _rowcount(result) == 1 else None
 
-    def heartbeat(self, run_id: str, lease: str, **progress: Any) -> bool:
+    def heartbeat(self, run_id: str, lease: str, **progress: Any) -> Heartbeat:
         """Refresh the claim (and progress fields). False: the lease is gone (the run was
-        marked stale, re-queued, claimed by another worker or ended): stop spending."""
+        marked stale, re-queued, claimed by another worker or ended): stop spending. Its
+        `cancel_request` is an operator's request to stop (`request_cancel`)."""
+        stmt = _claimed(run_id, lease).values(heartbeat_at=func.now(), **progress)
         with self._session() as s, s.begin():
-            result = s.execute(_claimed(run_id, lease).values(heartbeat_at=func.now(), **progress))
-            return result.rowcount == 1
+            row = s.execute(stmt.returning(OptimizationRun.cancel_request)).first()
+        return Heartbeat(held=row is not None, cancel_request=row[0] if row else None)
+
+    def request_cancel(self, run_id: str, reason: str) -> bool:
+        """An operator asks the worker holding a running run to stop; the worker reads it
+        with its next heartbeat and ends the run `cancelled` with its best program. False
+        if the run is not running (then nobody holds it: `finish_run` it instead)."""
+        stmt = (
+            update(OptimizationRun)
+            .where(OptimizationRun.id == run_id, OptimizationRun.state == RunState.running.value)
+            .values(cancel_request=reason)
+        )
+        with self._session() as s, s.begin():
+            return _rowcount(s.execute(stmt)) == 1
+
+    def cancel(self, run_id: str, reason: str, *, unclaimed_note: str = "") -> CancelOutcome | None:
+        """Cancel a run whoever holds it, in one place for `runs cancel` and a stopped batch.
+
+        Running: the request goes on the row for its holder's next heartbeat (`requested`).
+        Queued or stale (nobody holds it): `cancelled` at once, with `reason` plus
+        `unclaimed_note`; its worker's claim then finds no queued row and runs nothing.
+        A row can move between the two compare-and-sets (a worker claims it), so the pair
+        is tried again. None: the run has ended; there is nothing to cancel."""
+        for _ in range(3):
+            if self.request_cancel(run_id, reason):
+                return CancelOutcome.requested
+            if self.finish_run(run_id, RunState.cancelled, error=reason + unclaimed_note):
+                return CancelOutcome.cancelled
+        return None
 
     def update_run(self, run_id: str, lease: str, **fields: Any) -> bool:
         """Update non-state fields of the run this worker holds. False: lease lost."""
         if "state" in fields or "lease" in fields:
             raise ValueError("update_run changes no state; use finish_run")
         with self._session() as s, s.begin():
-            return s.execute(_claimed(run_id, lease).values(**fields)).rowcount == 1
+            return _rowcount(s.execute(_claimed(run_id, lease).values(**fields))) == 1
 
     def finish_run(
         self, run_id: str, state: RunState, *, lease: str | None = None, **fields: Any
@@ -173,7 +204,7 @@ class Repository:
         if finished:
             values.setdefault("finished_at", func.now())  # a spooled outcome brings its own
         with self._session() as s, s.begin():
-            return s.execute(stmt.values(**values)).rowcount == 1
+            return _rowcount(s.execute(stmt.values(**values))) == 1
 
     def salvage_run(self, run_id: str, lease: str, **fields: Any) -> bool:
         """A live worker whose run was marked stale under it (`runs recover` while it was
@@ -191,7 +222,7 @@ class Repository:
                 )
                 .values(**fields)
             )
-            return result.rowcount == 1
+            return _rowcount(result) == 1
 
     def requeue_run(self, run_id: str) -> bool:
         """stale -> queued, for `dspyflow runs recover --requeue`: the old claim is void."""
@@ -279,7 +310,7 @@ class Repository:
                     OptimizationRun.worker.like(f"{host}:%"),
                 )
             ).all()
-            return [(rid, st, w, at) for rid, st, w, at in rows]
+            return [(rid, st, w or "", at) for rid, st, w, at in rows]
 
     def touch_queued(self, batch_id: str) -> int:
         """A live batch process vouches for its queued runs (one statement per interval),
@@ -293,7 +324,7 @@ class Repository:
                 )
                 .values(heartbeat_at=func.now())
             )
-            return result.rowcount
+            return _rowcount(result)
 
     def run_exists(self, run_id: str) -> bool:
         with connect_checked(self.engine), self._session() as s:
@@ -330,7 +361,7 @@ class Repository:
         since: datetime | None = None,
         limit: int | None = 100,
     ) -> Sequence[OptimizationRun]:
-        stmt: Select[tuple[OptimizationRun]] = select(OptimizationRun)
+        stmt: Select[OptimizationRun] = select(OptimizationRun)
         for column, value in (
             (OptimizationRun.state, state),
             (OptimizationRun.task, task),
@@ -493,6 +524,28 @@ class Repository:
             return s.scalars(stmt).all()
 
 
+class CancelOutcome(StrEnum):
+    requested = "requested"  # its holder stops at its next heartbeat
+    cancelled = "cancelled"  # nobody held it: ended at once
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """A heartbeat's answer: whether this worker still holds the run (its truth value),
+    and an operator's request to stop it, if one was made."""
+
+    held: bool
+    cancel_request: str | None = None
+
+    def __bool__(self) -> bool:
+        return self.held
+
+
+def _rowcount(result: Result[Any]) -> int:
+    """Rows an UPDATE matched (a DML statement's result is a `CursorResult`)."""
+    return cast(CursorResult[Any], result).rowcount
+
+
 def _claimed(run_id: str, lease: str) -> Any:
     """UPDATE of the run this lease holds, while it is running: a worker's only writes."""
     return update(OptimizationRun).where(
@@ -504,7 +557,7 @@ def _claimed(run_id: str, lease: str) -> Any:
 
 def _benchmark_filter(
     metric: str | None, suite: str | None, env_fingerprint: str | None, session_id: str | None
-) -> Select[tuple[BenchmarkResult]]:
+) -> Select[BenchmarkResult]:
     stmt = select(BenchmarkResult)
     for column, value in (
         (BenchmarkResult.metric, metric),

@@ -11,7 +11,6 @@ from contextlib import contextmanager
 from enum import StrEnum
 from typing import Any, NoReturn
 
-import click
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -24,7 +23,8 @@ class _Group(TyperGroup):
     """The root command: a database error escaping any command is one line, not a traceback
     (a locked SQLite file, a corrupt one, a full connection pool, a server that went away)."""
 
-    def invoke(self, ctx: click.Context) -> Any:
+    # typer 0.29 vendors its own click: its Context is not `click.Context`.
+    def invoke(self, ctx: Any) -> Any:
         try:
             return super().invoke(ctx)
         except Exception as exc:
@@ -78,11 +78,13 @@ def user_errors(*kinds: type[BaseException]) -> Iterator[None]:
 
     from storage.db import StorageError
 
+    expected: tuple[type[BaseException], ...] = (StorageError, LookupError, ValueError, *kinds)
+
     try:
         yield
     except ValidationError as exc:
         fail("; ".join(_format_validation_error(e) for e in exc.errors()))
-    except (StorageError, LookupError, ValueError, *kinds) as exc:
+    except expected as exc:
         fail(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
     except Exception as exc:
         message = _database_error(exc)
@@ -140,14 +142,14 @@ def _cell(value: Any, formatter: Callable[[Any], str] | None) -> Text:
     return Text(str(value))
 
 
-def open_repository():  # type: ignore[no-untyped-def]
+def open_repository():
     """The results repository, after writing outcomes spooled during a database outage
     and marking runs of dead processes on this host `stale` (a crashed `dspyflow` left
     them `running`): the next command tells the truth. Spooled outcomes go first, so a
     run whose worker ended during the outage gets its real end, not `stale`."""
     from storage.repository import Repository
-    from tasks.outcome import deliver_spooled_outcomes
-    from tasks.recovery import reap_dead_local_workers
+    from tasks.cycle.outcome import deliver_spooled_outcomes
+    from tasks.cycle.recovery import reap_dead_local_workers
 
     repo = Repository()
     try:

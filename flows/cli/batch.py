@@ -67,8 +67,8 @@ def batch(
         fail("give a JOBS.jsonl file or --generate N (one of them)")
     if fmt is OutputFormat.csv:
         fail("--format: batch prints table or json")
-    from tasks.batch import BatchOptions
-    from tasks.batch_jobs import JobsFileError, capacity_jobs, load_jobs
+    from tasks.batch.jobs import JobsFileError, capacity_jobs, load_jobs
+    from tasks.batch.models import BatchOptions
 
     # Everything is validated here, before Prefect starts or a row is written.
     with user_errors(JobsFileError):
@@ -76,12 +76,13 @@ def batch(
             workers=workers,
             max_concurrent=max_concurrent,
             capacity=capacity,
-            backpressure=backpressure,  # type: ignore[arg-type]
+            backpressure=backpressure,
             lm_rps=lm_rps,
             lm_tokens_per_min=lm_tpm,
             prefect_rate_limit=prefect_rate_limit,
-            task_runner=task_runner,  # type: ignore[arg-type]
+            task_runner=task_runner,
             dask_address=dask_address,
+            skip_invalid=skip_invalid,
         )
         jobs: Any
         if jobs_file is not None:
@@ -102,7 +103,7 @@ def batch(
         # database, checked with the workers themselves, before the temporary server
         # below would stand in for a missing PREFECT_API_URL.
         from storage.db import database_url
-        from tasks.cluster import check_cluster_setup
+        from tasks.batch.cluster import check_cluster_setup
 
         check_cluster_setup(options, database_url())
         open_repository()  # reachable, at the current schema, dead runs marked
@@ -111,19 +112,7 @@ def batch(
 
     with user_errors(JobsFileError), temporary_prefect_server():
         run = optimization_batch if isinstance(jobs, str) else run_optimization_batch
-        summary = run(
-            jobs,
-            workers=options.workers,
-            max_concurrent=options.max_concurrent,
-            capacity=options.capacity,
-            backpressure=options.backpressure,
-            lm_rps=options.lm_rps,
-            lm_tokens_per_min=options.lm_tokens_per_min,
-            prefect_rate_limit=options.prefect_rate_limit,
-            task_runner=options.task_runner,
-            dask_address=options.dask_address,
-            skip_invalid=skip_invalid,
-        )
+        summary = run(jobs, options)
     if fmt is OutputFormat.json:
         print(json.dumps(summary.model_dump(mode="json"), indent=2))
     else:

@@ -95,8 +95,8 @@ def benchmarks_trend(
 ) -> None:
     """One metric over time (oldest first), with a sparkline and the latest verdict."""
     from storage.repository import Repository
-    from tasks.regression import Measurement, compare
-    from tasks.report import sparkline
+    from tasks.nightly.regression import Measurement, compare
+    from tasks.reports.results import sparkline
 
     with user_errors():
         repo = Repository()

@@ -58,19 +58,19 @@ def loadtest(
         config = LoadTestConfig(
             name=name,
             url=url,
-            pattern=pattern,  # type: ignore[arg-type]
+            pattern=pattern,
             rps=rps,
             duration_s=duration,
             max_concurrency=max_concurrency,
             thresholds=threshold,
             report_path=report,
-            method=method.upper(),  # type: ignore[arg-type]
-            on_full=on_full,  # type: ignore[arg-type]
+            method=method.upper(),
+            on_full=on_full,
             timeout_s=timeout,
             warmup_s=warmup,
             cooldown_s=cooldown,
-            arrivals=arrivals,  # type: ignore[arg-type]
-            http_client=http_client,  # type: ignore[arg-type]
+            arrivals=arrivals,
+            http_client=http_client,
         )
         if fmt is OutputFormat.csv:
             raise ValueError("--format: loadtest prints table or json")

@@ -17,13 +17,14 @@ from rich.markup import escape
 
 from flows.cli.app import OutputFormat, app, console, fail, open_repository, user_errors
 from flows.cli.runtime import prepare_runtime, quiet_libraries, temporary_prefect_server
+from tasks.cycle.spec import BudgetPreset
 
 
 @app.command()
 def optimize(
     task: str = typer.Option("intent", help="Built-in task: intent or extraction."),
     optimizer: str = typer.Option("mipro", help="mipro, gepa or genetic."),
-    budget: str = typer.Option("light", help="Budget preset: light, medium or heavy."),
+    budget: BudgetPreset = typer.Option(BudgetPreset.light, help="Budget preset."),
     lm: str = typer.Option("local", help="local, sim, or a dspy.LM model string."),
     api_base: str = typer.Option(None, help="OpenAI-compatible server for --lm."),
     api_key_env: str = typer.Option(None, help="Environment variable holding the API key."),
@@ -58,19 +59,19 @@ def optimize(
 ) -> None:
     """Optimize a DSPy program on the embedded defaults (local LM, SQLite, ephemeral Prefect)."""
     prepare_runtime(verbose)
-    from tasks.lm import LocalLMUnavailableError
-    from tasks.spec import CycleSpec, LMSpec
+    from tasks.cycle.spec import CycleSpec, LMSpec
+    from tasks.lm.local import LocalLMUnavailableError
 
     with user_errors(LocalLMUnavailableError):
         spec = CycleSpec(
             task=task,
             optimizer=optimizer,
-            budget=budget,  # type: ignore[arg-type]
+            budget=budget,
             lm=LMSpec(
                 model=lm,
                 api_base=api_base,
                 api_key_env=api_key_env,
-                structured_output=structured_output,  # type: ignore[arg-type]
+                structured_output=structured_output,
                 price_per_1k_input_usd=price_in,
                 price_per_1k_output_usd=price_out,
             ),
@@ -87,12 +88,12 @@ def optimize(
             max_train=max_train,
             max_val=max_val,
             max_test=max_test,
-            demo_selection=demo_selection,  # type: ignore[arg-type]
+            demo_selection=demo_selection,
             demo_pool_size=demo_pool_size,
         )
         # Fail fast, before Prefect starts: task, dataset, LM availability, database.
-        from tasks.cycle import load_cycle_data
-        from tasks.lm import build_lm
+        from tasks.cycle.data import load_cycle_data
+        from tasks.lm.providers import build_lm
 
         quiet_libraries(verbose)  # DSPy is loaded now and has set its own level
 
@@ -129,7 +130,7 @@ def optimize(
         restore_sigint()
         stop.set()
         watcher.join()
-    from tasks.cycle import summarize
+    from tasks.cycle.summary import summarize
 
     summary = summary or summarize(repo, run_id)
     if fmt is OutputFormat.json:
@@ -138,8 +139,7 @@ def optimize(
         sim = " [yellow](simulated LM)[/]" if summary.simulated else ""
         console.print(f"run [bold]{summary.run_id}[/] {summary.state}{sim}")
         console.print(
-            f"  task {escape(summary.task)}, optimizer {summary.optimizer}, "
-            f"lm {escape(summary.lm)}"
+            f"  task {escape(summary.task)}, optimizer {summary.optimizer}, lm {escape(summary.lm)}"
         )
         console.print(f"  baseline score  {_score(summary.baseline_score)}")
         console.print(f"  optimized score {_score(summary.best_score)}")
@@ -154,7 +154,7 @@ def _score(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
-def _show_progress(repo, run_id, stop, started, fmt, out_console) -> None:  # type: ignore[no-untyped-def]
+def _show_progress(repo, run_id, stop, started, fmt, out_console) -> None:
     """Poll the run's row: the flow may run in this process or on a worker."""
     if fmt is not OutputFormat.table:
         stop.wait()
@@ -188,7 +188,7 @@ def _show_progress(repo, run_id, stop, started, fmt, out_console) -> None:  # ty
             )
 
 
-def _stage(repo, run) -> str:  # type: ignore[no-untyped-def]
+def _stage(repo, run) -> str:
     """`optimizing, iteration 7/11, ETA 42 s` from the latest progress sample."""
     sample = repo.latest_progress_sample(run.id)
     if sample is None:
@@ -204,18 +204,18 @@ def _stage(repo, run) -> str:  # type: ignore[no-untyped-def]
     return text
 
 
-def _cancel_on_ctrl_c(run_id: str):  # type: ignore[no-untyped-def]
+def _cancel_on_ctrl_c(run_id: str):
     """First Ctrl-C: cancel the cycle gracefully (it keeps and scores its best program);
     a second one interrupts. Returns a function that restores the previous handler."""
     import signal
 
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
-    from tasks.budget import cancel_run
+    from tasks.cycle.budget import cancel_run
 
     previous = signal.getsignal(signal.SIGINT)
 
-    def handler(signum, frame):  # type: ignore[no-untyped-def]
+    def handler(signum, frame):
         cancel_run(run_id, "interrupted (Ctrl-C)")
         console.print("[yellow]stopping: keeping the best program so far (Ctrl-C again to abort)")
         signal.signal(signal.SIGINT, previous)

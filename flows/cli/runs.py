@@ -39,11 +39,7 @@ LIST_COLUMNS = [
 
 
 def run_row(run: Any) -> dict[str, Any]:
-    duration = (
-        (run.finished_at - run.started_at).total_seconds()
-        if run.finished_at and run.started_at
-        else None
-    )
+    duration = run.duration_s
     return {
         "id": run.id,
         "state": run.state,
@@ -115,6 +111,7 @@ def runs_show(
             "elapsed_s": s.elapsed_s,
             "throughput": s.throughput,
             "eta_s": s.eta_s,
+            "score": s.score,
             "best_score": s.best_score,
             "lm_calls": s.lm_calls,
         }
@@ -169,7 +166,7 @@ def runs_recover(
     """Mark runs whose worker died (stale heartbeat) `stale`; optionally re-queue them, or
     resume them in this process."""
     from storage.repository import Repository
-    from tasks.recovery import recover_stale_runs, resume_runs
+    from tasks.cycle.recovery import recover_stale_runs, resume_runs
 
     with user_errors():
         repo = Repository()
@@ -200,23 +197,26 @@ def runs_recover(
 @runs_app.command("cancel")
 def runs_cancel(
     run_id: str = typer.Argument(..., help="Run id or a unique prefix (>= 4 characters)."),
+    reason: str = typer.Option("cancelled by an operator", "--reason", help="Recorded on the run."),
 ) -> None:
-    """Cancel a running cycle through its Prefect flow run; it stops within one LM call of
-    noticing (heartbeat interval) and ends `cancelled` with its best program so far."""
-    from storage.repository import Repository
+    """Cancel a run. A running one is asked through the database, so this reaches any
+    worker (a `dspyflow optimize`, a batch, a Dask worker, a deployment): it stops at its
+    next heartbeat (DSPYFLOW_HEARTBEAT_S, 10 s) and ends `cancelled` with its best program
+    so far. A queued or stale one (nobody holds it) is cancelled at once."""
+    from storage.repository import CancelOutcome, Repository
 
     with user_errors():
-        run = Repository().get_run(run_id)
-    if run.state != "running":
-        fail(f"run {run.id} is {run.state}, not running")
-    if not run.flow_run_id:
-        fail(f"run {run.id} has no Prefect flow run; cancel it in its own process")
-    from prefect.client.orchestration import get_client
-    from prefect.states import Cancelling
-
-    with get_client(sync_client=True) as client:
-        client.set_flow_run_state(run.flow_run_id, Cancelling(), force=True)
-    console.print(f"cancelling run {run.id} (flow run {run.flow_run_id})")
+        repo = Repository()
+        run = repo.get_run(run_id)
+        outcome = repo.cancel(run.id, reason)
+        if outcome is CancelOutcome.requested:
+            console.print(f"cancel requested for run {run.id}: it stops at its next heartbeat")
+            return
+        if outcome is CancelOutcome.cancelled:
+            console.print(f"cancelled run {run.id}: nobody held it")
+            return
+        run = repo.get_run(run.id)  # say what it is now
+    fail(f"run {run.id} is {run.state}: nothing to cancel")
 
 
 @runs_app.command("compare")
@@ -227,7 +227,7 @@ def runs_compare(
 ) -> None:
     """Two runs side by side: scores, duration, LM calls, tokens, spec and program changes."""
     from storage.repository import Repository
-    from tasks.compare import compare_runs
+    from tasks.reports.compare import compare_runs
 
     with user_errors():
         repo = Repository()

@@ -71,15 +71,23 @@ def temporary_prefect_server() -> Iterator[None]:
 
     parent = os.getpid()
 
-    def popen(*args: Any, **kwargs: Any) -> subprocess.Popen[Any]:
-        return subprocess.Popen(*args, preexec_fn=lambda: _die_with_parent(parent), **kwargs)
+    def in_own_group_dying_with_parent() -> None:
+        # A terminal's Ctrl-C goes to its whole foreground process group; the command
+        # stops gracefully on it and still needs its server, so the server is not there.
+        os.setpgrp()
+        _die_with_parent(parent)
+
+    def popen(args: Any, **kwargs: Any) -> subprocess.Popen[Any]:
+        return subprocess.Popen(args, preexec_fn=in_own_group_dying_with_parent, **kwargs)
 
     class _BoundServer(server_module.SubprocessASGIServer):
         _instances = {}  # not Prefect's registry: its own ephemeral server stays separate
+
         def _run_uvicorn_command(self) -> subprocess.Popen[Any]:
             # Prefect builds the uvicorn command; only its module's Popen gains the
             # parent-death signal (a shim for that one module, not the process).
             shim = types.SimpleNamespace(**{**vars(subprocess), "Popen": popen})
+            # A namespace standing in for the `subprocess` module, in that module only.
             server_module.subprocess = shim  # type: ignore[assignment]
             try:
                 return super()._run_uvicorn_command()
@@ -92,7 +100,7 @@ def temporary_prefect_server() -> Iterator[None]:
         # Flow-run heartbeats feed crash-detection automations on a lasting server; this
         # one dies with the command, so nothing reads them, and the engine's join of the
         # heartbeat thread costs up to 1 s at the end of every flow run (our own run
-        # heartbeat and dead-pid reaping cover crashes: tasks.recovery).
+        # heartbeat and dead-pid reaping cover crashes: tasks.cycle.recovery).
         updates = {PREFECT_API_URL: server.api_url, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}
         with temporary_settings(updates=updates):
             yield

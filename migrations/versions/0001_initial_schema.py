@@ -15,7 +15,7 @@ depends_on = None
 
 
 def upgrade() -> None:
-    
+
     op.create_table(
         "benchmark_results",
         sa.Column("id", sa.Integer(), autoincrement=True, nullable=False),
@@ -179,11 +179,9 @@ def upgrade() -> None:
     with op.batch_alter_table("run_alerts", schema=None) as batch_op:
         batch_op.create_index(batch_op.f("ix_run_alerts_run_id"), ["run_id"], unique=False)
 
-    
-
 
 def downgrade() -> None:
-    
+
     with op.batch_alter_table("run_alerts", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_run_alerts_run_id"))
 
@@ -206,4 +204,3 @@ def downgrade() -> None:
         batch_op.drop_index("ix_benchmark_metric_env")
 
     op.drop_table("benchmark_results")
-    

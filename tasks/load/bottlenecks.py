@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from tasks.load.results import LoadSummary
 
@@ -27,14 +27,24 @@ _RANK = {Severity.critical: 0, Severity.high: 1, Severity.medium: 2, Severity.lo
 
 
 class BottleneckSettings(BaseModel):
-    p95_ms: float = 500.0
-    error_rate: float = 0.10
-    throughput_ratio: float = 0.80
-    generator_cpu_pct: float = 90.0  # of one core
-    loop_lag_ms: float = 50.0
-    schedule_lag_p99_ms: float = 50.0
-    system_cpu_pct: float = 90.0
-    memory_pct: float = 90.0
+    """Where each finding starts: a figure past its limit names a bottleneck."""
+
+    p95_ms: float = Field(500.0, description="Response time p95 (ms) above which it is slow.")
+    error_rate: float = Field(0.10, description="Error rate above which errors are flagged.")
+    throughput_ratio: float = Field(
+        0.80, description="Achieved/target rate below which throughput is flagged."
+    )
+    generator_cpu_pct: float = Field(
+        90.0, description="The generator's CPU (% of one core) above which it is the limit."
+    )
+    loop_lag_ms: float = Field(
+        50.0, description="p99 event-loop lag (ms) at which the generator is the limit."
+    )
+    schedule_lag_p99_ms: float = Field(
+        50.0, description="p99 lateness (ms) of request starts against their schedule."
+    )
+    system_cpu_pct: float = Field(90.0, description="Machine CPU (%) above which it is busy.")
+    memory_pct: float = Field(90.0, description="Machine memory (%) above which it is full.")
 
 
 class Bottleneck(BaseModel):

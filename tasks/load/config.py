@@ -41,51 +41,85 @@ DEFAULT_THRESHOLDS: tuple[str, ...] = ("error_rate<0.1",)
 class LoadTestConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # rps=inf never ends
 
-    name: str = Field("load-test", min_length=1, max_length=200)
+    name: str = Field("load-test", min_length=1, max_length=200, description="The test's name.")
 
     # --- the target: an HTTP endpoint, an in-process callable ("package.module:function",
     # called with no arguments; sync ones run in a thread pool), or an optimized DSPy
     # program from the database. Python callers may pass a live target object instead.
-    url: str | None = None
-    callable: str | None = Field(None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
-    method: Literal["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"] = "GET"
-    headers: dict[str, str] = Field(default_factory=dict)
-    json_body: Any = None
-    ok_statuses: list[int] | None = None  # default: any status below 400
-    http_client: Literal["aiohttp", "httpx"] = "aiohttp"
-    program_run_id: str | None = None
-    program_inputs: list[dict[str, Any]] = Field(default_factory=list)
-    lm: str | dict[str, Any] | None = None  # a tasks.spec.LMSpec (or its model string)
+    url: str | None = Field(None, description="The HTTP(S) endpoint under test.")
+    callable: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$",
+        description="Or an in-process `package.module:function`, called with no arguments.",
+    )
+    method: Literal["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"] = Field(
+        "GET", description="HTTP method."
+    )
+    headers: dict[str, str] = Field(default_factory=dict, description="HTTP request headers.")
+    json_body: Any = Field(None, description="JSON body of each request.")
+    ok_statuses: list[int] | None = Field(
+        None, description="HTTP statuses that count as success; default: any below 400."
+    )
+    http_client: Literal["aiohttp", "httpx"] = Field("aiohttp", description="HTTP client.")
+    program_run_id: str | None = Field(
+        None, description="Or the optimized program of this run (from the results database)."
+    )
+    program_inputs: list[dict[str, Any]] = Field(
+        default_factory=list, description="Inputs the program is called with, in turn."
+    )
+    lm: str | dict[str, Any] | None = Field(
+        None, description="The program's LM: an LMSpec or its model string (default: the run's)."
+    )
 
     # --- the load ----------------------------------------------------------------------------
-    pattern: PatternName = "constant"
+    pattern: PatternName = Field(
+        "constant",
+        description="constant, ramp (ramp-up), spike or wave: the arrival rate over time.",
+    )
     rps: float = Field(gt=0, description="steady (peak for ramp, mean for wave) requests/s")
-    duration_s: float = Field(gt=0, le=86_400)
-    max_concurrency: int = Field(100, ge=1, le=100_000)
-    on_full: Literal["wait", "drop"] = "wait"
-    timeout_s: float = Field(30.0, gt=0)
-    arrivals: Literal["uniform", "poisson"] = "uniform"
-    seed: int | None = None
-    warmup_s: float | None = Field(None, ge=0)
-    cooldown_s: float | None = Field(None, ge=0)
+    duration_s: float = Field(gt=0, le=86_400, description="Seconds of load, warm-up included.")
+    max_concurrency: int = Field(100, ge=1, le=100_000, description="Requests in flight at most.")
+    on_full: Literal["wait", "drop"] = Field(
+        "wait", description="At max_concurrency: `wait` (late start, counted) or `drop` (counted)."
+    )
+    timeout_s: float = Field(30.0, gt=0, description="Per-request timeout.")
+    arrivals: Literal["uniform", "poisson"] = Field(
+        "uniform", description="Request starts evenly spaced, or a Poisson process (open model)."
+    )
+    seed: int | None = Field(None, description="Seed of Poisson arrivals.")
+    warmup_s: float | None = Field(None, ge=0, description="Warm-up, left out of the figures.")
+    cooldown_s: float | None = Field(None, ge=0, description="Cool-down, left out too.")
     # ramp: warm-up at start_rps, ramp_s to rps, hold, cool-down back to start_rps
-    ramp_s: float | None = Field(None, ge=0)
-    start_rps: float | None = Field(None, ge=0)
+    ramp_s: float | None = Field(None, ge=0, description="ramp: seconds from start_rps to rps.")
+    start_rps: float | None = Field(None, ge=0, description="ramp: the starting rate.")
     # spike: rps, then spike_rps (default rps x spike_multiplier) for spike_s from spike_start_s
-    spike_rps: float | None = Field(None, gt=0)
-    spike_multiplier: float = Field(5.0, ge=1)
-    spike_start_s: float | None = Field(None, ge=0)
-    spike_s: float | None = Field(None, gt=0)
+    spike_rps: float | None = Field(None, gt=0, description="spike: the spike's rate.")
+    spike_multiplier: float = Field(
+        5.0, ge=1, description="spike: spike_rps = rps x this, when spike_rps is not given."
+    )
+    spike_start_s: float | None = Field(None, ge=0, description="spike: when it starts.")
+    spike_s: float | None = Field(None, gt=0, description="spike: how long it lasts.")
     # wave: rps x (1 + wave_amplitude x sin(2 pi t / wave_period_s))
-    wave_period_s: float | None = Field(None, gt=0)
-    wave_amplitude: float = Field(0.5, ge=0, le=1)
+    wave_period_s: float | None = Field(None, gt=0, description="wave: the period in seconds.")
+    wave_amplitude: float = Field(
+        0.5, ge=0, le=1, description="wave: rps x (1 + amplitude x sin(2 pi t / period))."
+    )
 
     # --- measuring and judging ------------------------------------------------------------------
-    window_s: float = Field(1.0, gt=0, le=60)
-    monitor_interval_s: float = Field(0.5, gt=0, le=60)
-    thresholds: list[str] = Field(default_factory=list)
-    bottlenecks: BottleneckSettings = Field(default_factory=BottleneckSettings)
-    report_path: str | None = None  # HTML; the Markdown report goes next to it
+    window_s: float = Field(1.0, gt=0, le=60, description="Length of one measured window.")
+    monitor_interval_s: float = Field(
+        0.5, gt=0, le=60, description="How often CPU, memory and loop lag are sampled."
+    )
+    thresholds: list[str] = Field(
+        default_factory=list,
+        description="Pass marks, k6-style: `p95<500ms`, `error_rate<0.01`, `rps>=45`.",
+    )
+    bottlenecks: BottleneckSettings = Field(
+        default_factory=BottleneckSettings, description="Where bottleneck findings start."
+    )
+    report_path: str | None = Field(
+        None, description="Write the HTML report here; the Markdown report goes next to it."
+    )
 
     @field_validator("url")
     @classmethod

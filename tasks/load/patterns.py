@@ -14,7 +14,7 @@ import math
 import random
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 
@@ -125,6 +125,9 @@ class RampPattern(LoadPattern):
     ramp_s: float
     cooldown_s: float
     start_rps: float = 0.0
+    _segs: tuple[tuple[float, float, float, float], ...] = field(
+        init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         w, r, c, d = self.warmup_s, self.ramp_s, self.cooldown_s, self.duration
@@ -139,7 +142,7 @@ class RampPattern(LoadPattern):
         object.__setattr__(self, "_segs", segments)
 
     def _segments(self) -> tuple[tuple[float, float, float, float], ...]:
-        return self._segs  # type: ignore[attr-defined,no-any-return]
+        return self._segs
 
     def rate(self, t: float) -> float:
         for t0, t1, r0, r1 in self._segments():

@@ -66,8 +66,8 @@ def build_target(
             fn = getattr(fn, part)
         return CallableTarget(fn, name=config.callable)
     if config.program_run_id is not None:
-        from tasks.lm import build_lm
-        from tasks.spec import LMSpec
+        from tasks.cycle.spec import LMSpec
+        from tasks.lm.providers import build_lm
 
         spec = (
             LMSpec.model_validate(config.lm)
@@ -163,7 +163,7 @@ def run_load_test(
     thread.join()
     if "error" in box:
         raise box["error"]
-    return box["result"]  # type: ignore[no-any-return]
+    return box["result"]
 
 
 def judge(result: LoadTestResult, config: LoadTestConfig) -> Verdict:

@@ -99,7 +99,7 @@ class OpenModelScheduler:
             await asyncio.gather(*tasks, return_exceptions=True)
         return ScheduleRun(self.t0, perf(), dict(self._error_samples))
 
-    def _finished(self, tasks: set[asyncio.Task[None]]):  # type: ignore[no-untyped-def]
+    def _finished(self, tasks: set[asyncio.Task[None]]):
         def done(task: asyncio.Task[None]) -> None:
             tasks.discard(task)
             self.in_flight -= 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
+from typing import Any
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
@@ -19,10 +20,10 @@ from storage.repository import Repository
 from tasks.load import store
 from tasks.load.bottlenecks import Bottleneck
 from tasks.load.config import LoadTestConfig
-from tasks.load.report import ReportData, render_markdown, series, write_reports
 from tasks.load.results import LoadSummary, LoadTestResult
 from tasks.load.runner import Verdict, judge, run_load_test
 from tasks.load.thresholds import ThresholdResult
+from tasks.reports.load import ReportData, render_markdown, series, write_reports
 
 
 class LoadTestOutcome(BaseModel):
@@ -55,7 +56,7 @@ def default_report_path(run_id: str) -> Path:
     return StorageSettings().home.expanduser() / "reports" / f"load-test-{run_id}.html"
 
 
-_TASK_OPTIONS = {"persist_result": False, "cache_policy": NONE}
+_TASK_OPTIONS: dict[str, Any] = {"persist_result": False, "cache_policy": NONE}
 
 
 @task(name="load-test-start", **_TASK_OPTIONS)

@@ -157,7 +157,7 @@ class CallableTarget(Target):
 
     def __init__(self, fn: Callable[[], Any], *, name: str | None = None) -> None:
         self.fn = fn
-        self.name = name or getattr(fn, "__qualname__", repr(fn))
+        self.name: str = name or str(getattr(fn, "__qualname__", repr(fn)))
         self.is_async = inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
             getattr(fn, "__call__", None)  # noqa: B004 - async callable objects
         )
@@ -188,7 +188,7 @@ def dspy_program_target(
     repository: Any = None,
 ) -> CallableTarget:
     """Call the optimized program of optimization run ``run_id`` with ``lm`` (a ``dspy.LM``,
-    or anything with a ``context()`` such as ``tasks.lm.build_lm``'s result).
+    or anything with a ``context()`` such as ``tasks.lm.providers.build_lm``'s result).
 
     ``inputs`` are the program's keyword arguments, or a list of them used in turn (so an
     LM cache does not turn the test into a cache benchmark).

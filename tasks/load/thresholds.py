@@ -112,7 +112,7 @@ def parse_threshold(expr: str) -> Threshold:
             expr=expr,
             kind="latency",
             metric=metric,
-            source=source,  # type: ignore[arg-type]
+            source=source,
             op=m["op"],
             value=value * _UNIT_MS[unit],
         )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from tasks.optimizers.base import (
-    PRESETS,
     CompileRequest,
     CycleStopped,
     IterationEvent,
@@ -29,13 +28,12 @@ def get_optimizer(name: str) -> Optimizer:
         from tasks.optimizers.capacity import CapacityOptimizer
 
         return CapacityOptimizer()
-    from tasks.spec import KNOWN_OPTIMIZERS
+    from tasks.cycle.spec import KNOWN_OPTIMIZERS
 
     raise ValueError(f"unknown optimizer {name!r}; known: {', '.join(KNOWN_OPTIMIZERS)}")
 
 
 __all__ = [
-    "PRESETS",
     "CompileRequest",
     "CycleStopped",
     "IterationEvent",

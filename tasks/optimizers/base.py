@@ -3,7 +3,7 @@
 An optimizer has a name, budget presets (light, medium, heavy), and `compile(request)`
 that reports progress through `request.on_iteration` and honours two stop signals:
 `request.should_stop()` (polled between iterations) and `CycleStopped`, raised from any
-LM call once a hard budget is reached (see tasks/budget.py). On either it returns the best
+LM call once a hard budget is reached (see tasks/cycle/budget.py). On either it returns the best
 program seen so far with `stopped_early=True`; it never lets `CycleStopped` escape.
 """
 
@@ -19,10 +19,10 @@ from typing import Any, Protocol
 import dspy
 from dspy.utils.callback import BaseCallback
 
-from tasks.budget import CycleStopped, StopReason
+from tasks.cycle.budget import CycleStopped, StopReason
+from tasks.cycle.spec import BudgetPreset
 
 Metric = Callable[..., float]
-PRESETS = ("light", "medium", "heavy")
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,6 @@ class OptimizeResult:
 
 class Optimizer(Protocol):
     name: str
-    presets: tuple[str, ...]
 
     def total_iterations(self, request: CompileRequest) -> int | None:
         """How many iterations the budget allows, for progress and ETA (None: unknown)."""
@@ -152,14 +151,14 @@ def five_arg_metric(metric: Metric) -> Metric:
 
 
 def check_preset(name: str, budget: str) -> None:
-    if budget not in PRESETS:
+    known = [p.value for p in BudgetPreset]
+    if budget not in known:
         raise ValueError(
-            f"optimizer {name!r}: unknown budget preset {budget!r}; known: {', '.join(PRESETS)}"
+            f"optimizer {name!r}: unknown budget preset {budget!r}; known: {', '.join(known)}"
         )
 
 
 __all__ = [
-    "PRESETS",
     "CompileRequest",
     "CycleStopped",
     "EvaluationCounter",

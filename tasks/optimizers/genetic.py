@@ -34,7 +34,6 @@ from dspy.teleprompt.teleprompt import Teleprompter
 from dspy.utils.parallelizer import ParallelExecutor
 
 from tasks.optimizers.base import (
-    PRESETS,
     CompileRequest,
     CycleStopped,
     IterationEvent,
@@ -270,7 +269,7 @@ class GeneticTeleprompter(Teleprompter):
             self._select_final(ranked, valset, started)
         program = self.best_program
         assert program is not None
-        program.score = self.best_score  # type: ignore[attr-defined]
+        program.score = self.best_score
         return program
 
     # --- checkpoints ---------------------------------------------------------------------
@@ -691,7 +690,6 @@ PRESET_CONFIG: dict[str, dict[str, int]] = {
 
 class GeneticOptimizer:
     name = "genetic"
-    presets = PRESETS
 
     def total_iterations(self, request: CompileRequest) -> int | None:
         return int(request.options.get("generations", PRESET_CONFIG[request.budget]["generations"]))

@@ -20,7 +20,6 @@ from typing import Any
 import dspy
 
 from tasks.optimizers.base import (
-    PRESETS,
     CompileRequest,
     CycleStopped,
     IterationEvent,
@@ -88,12 +87,11 @@ def build_candidate(student: dspy.Module, candidate: dict[str, str]) -> dspy.Mod
 
 class GepaOptimizer:
     name = "gepa"
-    presets = PRESETS
 
     def max_metric_calls(self, request: CompileRequest) -> int:
         """The preset's metric-call budget, as `dspy.GEPA(auto=...)` computes it."""
         return dspy.GEPA.auto_budget(
-            None,  # type: ignore[arg-type] - auto_budget does not use self
+            None,  # self: auto_budget does not use it
             num_preds=max(1, len(request.program.predictors())),
             num_candidates=_CANDIDATES[request.budget],
             valset_size=len(request.valset) or len(request.trainset),

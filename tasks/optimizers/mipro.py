@@ -14,7 +14,6 @@ from typing import Any
 import dspy
 
 from tasks.optimizers.base import (
-    PRESETS,
     CompileRequest,
     CycleStopped,
     EvaluationCounter,
@@ -41,7 +40,6 @@ _CANDIDATES = {"light": 6, "medium": 12, "heavy": 18}
 
 class MiproOptimizer:
     name = "mipro"
-    presets = PRESETS
 
     def total_iterations(self, request: CompileRequest) -> int | None:
         # MIPROv2: trials = max(2 * V * log2(n), 1.5 n), V = predictors (x2 with demos);
@@ -67,7 +65,7 @@ class MiproOptimizer:
             # MIPROv2 reads dspy.settings.lm in __init__: build it inside the cycle context.
             optimizer = dspy.MIPROv2(
                 metric=request.metric,
-                auto=request.budget,  # type: ignore[arg-type]
+                auto=request.budget,
                 prompt_model=request.reflection_lm,
                 num_threads=request.num_threads,
                 seed=request.seed,

@@ -13,7 +13,7 @@ from typing import Any
 _DIR = os.environ.get("DSPYFLOW_SIM_CALL_LOG")
 
 if _DIR:
-    from tasks.lm import SimulatedEngine
+    from tasks.lm.sim import SimulatedEngine
 
     def _patch(original: Any, path: Path) -> Any:
         def logged(self: SimulatedEngine, request: Any) -> Any:

@@ -22,7 +22,7 @@ import pytest
 
 from storage.db import get_engine
 from storage.repository import Repository
-from tasks.local_cluster import BIN, LocalCluster
+from tasks.batch.local_cluster import BIN, LocalCluster
 from tests.cluster.conftest import CALL_LOG_PRELOAD, ROOT, base_env
 from tests.cluster.sim_call_log import read_calls, read_outcomes
 
@@ -228,3 +228,52 @@ def test_a_batch_without_a_reachable_prefect_api_is_refused_before_any_row(
     assert "PREFECT_API_URL is unset" in line and "prefect server start" in line
     assert "Traceback" not in err
     assert Repository(get_engine(results_url)).list_runs(limit=None) == []
+
+
+def test_sigterm_of_a_dask_batch_stops_the_cycles_in_worker_processes(
+    cluster: LocalCluster, results_url: str
+) -> None:
+    """SIGTERM of the submitting `dspyflow batch`: the queued rows are cancelled at once
+    and the cycles in flight in the Dask worker processes stop at their next heartbeat
+    (the cancel goes through the database), each keeping its best program. Before: those
+    cycles ran to their end, long after the command was told to stop."""
+    proc = _batch(
+        cluster,
+        results_url,
+        "--generate", "24", "--lm", "sim", "--sim-latency-ms", "500",
+        "--lm-calls", "3000", "--workers", "8",
+        *_dask_args(cluster),
+    )  # fmt: skip
+    repo = Repository(get_engine(results_url))
+    deadline = time.monotonic() + 240
+    in_flight: set[str] = set()
+    while time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.3)
+        try:
+            runs = repo.list_runs(state="running", limit=None)
+        except Exception:  # noqa: BLE001 - the batch creates the schema
+            continue
+        if len(runs) >= 4:
+            in_flight = {r.id for r in runs}
+            break
+    assert in_flight, "never saw 4 cycles in flight"
+    stopped_at = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    rc, out, err = _finish(proc, timeout=180)
+    took = time.monotonic() - stopped_at
+    assert rc == 1, err[-4000:]
+    runs = {r.id: r for r in repo.list_runs(limit=None)}
+    assert len(runs) == 24 and all(r.state in ("succeeded", "cancelled") for r in runs.values())
+    cancelled = [runs[i] for i in in_flight if runs[i].state == "cancelled"]
+    assert len(cancelled) >= len(in_flight) - 1, (
+        took,
+        [(runs[i].state, runs[i].error, runs[i].lm_calls) for i in in_flight],
+        err[-3000:],
+    )
+    for run in cancelled:
+        assert "batch terminated (SIGTERM)" in (run.error or "")
+        if "during the baseline evaluation" in (run.error or ""):
+            continue  # stopped before anything was optimized: no program to keep
+        assert run.program_state, f"run {run.id} kept no program: {run.error}"
+    # A heartbeat (10 s) and the final evaluation, not the whole cycles (240 calls each).
+    assert took < 60, took

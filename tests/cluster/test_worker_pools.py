@@ -20,7 +20,7 @@ import pytest
 
 from storage.db import get_engine
 from storage.repository import Repository
-from tasks.local_cluster import LocalCluster
+from tasks.batch.local_cluster import LocalCluster
 from tests.cluster.conftest import ROOT, base_env
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.postgres]
@@ -77,10 +77,12 @@ def test_two_workers_run_cycle_and_batch_deployments_side_by_side(stack: LocalCl
     )
     assert deployed.returncode == 0, deployed.stdout + deployed.stderr
     batch_deployment = _api(stack, "GET", "/deployments/name/optimization-batch/batch")
-    assert batch_deployment["parameters"]["task_runner"] == "threads"
-    assert {"task_runner", "dask_address"} <= set(
-        batch_deployment["parameter_openapi_schema"]["properties"]
-    )
+    assert batch_deployment["parameters"]["options"]["task_runner"] == "threads"
+    schema = batch_deployment["parameter_openapi_schema"]
+    assert set(schema["properties"]) == {"jobs", "options"}
+    # The UI's form for `options` is BatchOptions itself, each field with its help.
+    (options_model,) = (d for name, d in schema["definitions"].items() if name == "BatchOptions")
+    assert {"task_runner", "dask_address", "workers"} <= set(options_model["properties"])
     for name in ("w1", "w2"):  # at most 2 flow runs each: 4 runs need both
         stack.start_prefect_worker(name, "cpu", "--limit", "2", "--name", name)
 
@@ -104,11 +106,15 @@ def test_two_workers_run_cycle_and_batch_deployments_side_by_side(stack: LocalCl
     runs = {
         _run(stack, "optimization-cycle/cycle", {"spec": cycle_spec}): "cycle",
         _run(
-            stack, "optimization-batch/batch", {"jobs": [job] * BATCH_JOBS, "workers": 6}
+            stack,
+            "optimization-batch/batch",
+            {"jobs": [job] * BATCH_JOBS, "options": {"workers": 6}},
         ): "batch",
         _run(stack, "optimization-cycle/cycle", {"spec": {**cycle_spec, "seed": 1}}): "cycle",
         _run(
-            stack, "optimization-batch/batch", {"jobs": [job] * BATCH_JOBS, "workers": 6}
+            stack,
+            "optimization-batch/batch",
+            {"jobs": [job] * BATCH_JOBS, "options": {"workers": 6}},
         ): "batch",
     }
     deadline = time.monotonic() + 300

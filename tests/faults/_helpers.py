@@ -7,7 +7,7 @@ import io
 import time
 from collections.abc import Callable
 
-from tasks.spec import CycleSpec, LMSpec
+from tasks.cycle.spec import CycleSpec, LMSpec
 
 
 def sim_spec(**fields) -> CycleSpec:  # type: ignore[no-untyped-def]

@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-from tasks import cycle
+from tasks.cycle import steps as cycle
 
 ADMIN_URL = os.environ.get(
     "DSPYFLOW_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from storage.repository import Repository
-from tasks import cycle
+from tasks.cycle import steps as cycle
 from tasks.optimizers import CompileRequest, OptimizeResult
 from tests.faults._helpers import quiet, sim_spec
 
@@ -21,7 +21,7 @@ class _FailsFirstAttempt:
 
     def __init__(self, real: Any, fail_after_s: float) -> None:
         self.real, self.fail_after_s, self.attempts = real, fail_after_s, 0
-        self.name, self.presets = real.name, real.presets
+        self.name = real.name
 
     def total_iterations(self, request: CompileRequest) -> int | None:
         return self.real.total_iterations(request)

@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 
 from storage.repository import Repository
-from tasks import cycle
-from tasks.budget import CycleControl
+from tasks.cycle import steps as cycle
+from tasks.cycle.budget import CycleControl
 from tests.faults._helpers import quiet, sim_spec
 
 TEST_EXAMPLES = 40
@@ -56,7 +56,7 @@ def _spec() -> Any:
 def test_a_cancel_during_the_baseline_stops_it(repo: Repository) -> None:
     control = CycleControl()
     with quiet():
-        summary = cycle.execute_cycle(
+        summary = cycle.run_cycle(
             _spec(), repo, control=control, run_step=_cancel_during("baseline", control, 3)
         )
     run = repo.get_run(summary.run_id)
@@ -78,7 +78,7 @@ def test_a_cancel_during_the_final_evaluation_keeps_the_program_unscored(
         return _cancel_during("evaluate", control, 3)(name, step, *args, **kwargs)
 
     with quiet():
-        summary = cycle.execute_cycle(_spec(), repo, control=control, run_step=run_step)
+        summary = cycle.run_cycle(_spec(), repo, control=control, run_step=run_step)
     assert summary.state == "cancelled"
     run = repo.get_run(summary.run_id)
     assert run.error.startswith("interrupted (Ctrl-C) during the final evaluation"), run.error
@@ -94,7 +94,7 @@ def test_a_cancel_during_the_optimizer_still_scores_the_best_program(
     """The cancel that stopped the optimizer is answered: the final evaluation runs."""
     control = CycleControl()
     with quiet():
-        summary = cycle.execute_cycle(
+        summary = cycle.run_cycle(
             _spec(), repo, control=control, run_step=_cancel_during("optimize", control, 5)
         )
     run = repo.get_run(summary.run_id)
@@ -108,7 +108,7 @@ def test_the_flow_ends_cancelled_not_failed(use_database: str) -> None:
     from prefect.states import State
 
     from flows.optimization import optimization_cycle
-    from tasks.budget import cancel_run
+    from tasks.cycle.budget import cancel_run
 
     run_id = "cancelfinaleval01"
 

@@ -10,8 +10,12 @@ import threading
 import pytest
 
 from storage.models import RunState
-from storage.repository import Repository
-from tasks import cycle
+from storage.repository import CancelOutcome, Repository, new_id
+from tasks.batch.models import BatchOptions
+from tasks.batch.queue import JobQueue
+from tasks.batch.run import _stop_batch, run_batch_job
+from tasks.cycle import steps as cycle
+from tasks.cycle.spec import CycleSpec
 from tests.faults._helpers import quiet, sim_spec, wait_for
 
 
@@ -94,13 +98,13 @@ def test_the_loser_of_a_claim_race_leaves_the_winners_run_alone(
 
     def winner() -> None:
         with quiet():
-            results["winner"] = cycle.execute_cycle(spec, repo, run_id=run_id)
+            results["winner"] = cycle.run_cycle(spec, repo, run_id=run_id)
 
     thread = threading.Thread(target=winner)
     thread.start()
     wait_for(lambda: repo.get_run(run_id).state == "running", what="the winner's claim")
     with caplog.at_level(logging.WARNING, logger="dspyflow.cycle"), quiet():
-        loser = cycle.execute_cycle(spec, repo, run_id=run_id)
+        loser = cycle.run_cycle(spec, repo, run_id=run_id)
     # The loser reports the run as it is (the winner's) and writes nothing to it.
     assert loser.state in ("running", "succeeded"), loser
     assert "not queued" in caplog.text
@@ -119,7 +123,7 @@ def test_two_threads_racing_one_cycle_record_one_result(repo: Repository) -> Non
     def work() -> None:
         barrier.wait()
         with quiet():
-            states.append(cycle.execute_cycle(spec, repo, run_id=run_id).state)
+            states.append(cycle.run_cycle(spec, repo, run_id=run_id).state)
 
     threads = [threading.Thread(target=work) for _ in range(2)]
     for t in threads:
@@ -150,3 +154,66 @@ def test_a_result_that_cannot_be_recorded_is_logged_loudly(
     assert "NOT recorded" in caplog.text and "elsewhere:1" in caplog.text
     run = repo.get_run(ctx.run_id)
     assert run.state == "running" and run.program_state is None  # the other worker's, intact
+
+
+def test_a_cancel_request_reaches_the_holder_with_its_next_heartbeat(repo: Repository) -> None:
+    """`runs cancel` from any process: the request is on the row, and the holder's next
+    heartbeat returns it (no Prefect server needed). A run nobody holds cannot be asked."""
+    run_id = _queued(repo)
+    assert not repo.request_cancel(run_id, "too early")  # queued: finish_run it instead
+    lease = repo.start_run(run_id, worker="host:1")
+    assert lease
+    assert repo.heartbeat(run_id, lease).cancel_request is None
+    assert repo.request_cancel(run_id, "not needed any more")
+    beat = repo.heartbeat(run_id, lease, lm_calls=4)
+    assert beat and beat.cancel_request == "not needed any more"
+    other = repo.heartbeat(run_id, "not-the-lease")
+    assert not other and other.cancel_request is None
+    assert repo.finish_run(run_id, RunState.cancelled, lease=lease, error=beat.cancel_request)
+    assert not repo.request_cancel(run_id, "again")
+
+
+def test_cancel_reaches_a_run_whoever_holds_it(repo: Repository) -> None:
+    """`Repository.cancel` (`runs cancel`, a stopped batch): a running run is asked, a
+    queued one is ended at once and its worker's later claim gets nothing, an ended one
+    is left alone."""
+    running = _queued(repo)
+    lease = repo.start_run(running, worker="host:1")
+    assert lease
+    assert repo.cancel(running, "stop") is CancelOutcome.requested
+    assert repo.heartbeat(running, lease).cancel_request == "stop"
+
+    queued = _queued(repo)
+    assert repo.cancel(queued, "stop", unclaimed_note="; never started") is CancelOutcome.cancelled
+    ended = repo.get_run(queued)
+    assert ended.state == "cancelled" and ended.error == "stop; never started"
+    assert repo.start_run(queued, worker="host:2") is None
+    assert repo.cancel(queued, "again") is None
+
+
+def test_a_stopped_dask_batch_cancels_the_jobs_its_workers_have_not_claimed_yet(
+    repo: Repository,
+) -> None:
+    """A busy cluster starts a submitted task late: at SIGTERM its row is still queued.
+    Before: the stop asked only running rows (`request_cancel` refused a queued one), the
+    worker claimed the row afterwards and ran the whole cycle (a CI run: 141 s after
+    SIGTERM instead of one heartbeat). Now the row is cancelled and the job runs nothing."""
+    spec = sim_spec(sim_latency_ms=0)
+    batch_id = new_id()
+    ids = [repo.create_run(batch_id=batch_id, **spec.run_fields()) for _ in range(2)]
+    queue: JobQueue[CycleSpec] = JobQueue(10, max_concurrent=1)
+    for run_id in ids:
+        queue.submit(run_id, spec)
+    queue.close()
+    submitted = queue.take()  # handed to the runner; its worker has not started it
+    assert submitted is not None
+    options = BatchOptions(task_runner="dask", dask_address="tcp://127.0.0.1:8786")
+    _stop_batch(repo, queue, options, "batch terminated (SIGTERM)")
+    for run_id in ids:
+        run = repo.get_run(run_id)
+        assert run.state == "cancelled", (run_id, run.state)
+        assert run.error == "batch terminated (SIGTERM); the run never started"
+    # The job, when the worker gets to it, runs nothing and reports the row's end.
+    state = run_batch_job(spec, submitted.job_id, str(repo.engine.url.render_as_string(False)))
+    assert state == "cancelled"
+    assert repo.get_run(submitted.job_id).lm_calls in (None, 0)

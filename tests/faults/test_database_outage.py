@@ -4,7 +4,7 @@ Before: the outcome write raised, the failure write raised too, the optimized pr
 existed only in memory and was lost; the row stayed `running` until recovery marked it
 `stale`. Now the write is retried while the database is unreachable
 (`DSPYFLOW_RECORD_RETRY_S`), then spooled to `$DSPYFLOW_HOME/outbox`, and the next
-`dspyflow` command writes it (tasks.outcome).
+`dspyflow` command writes it (tasks.cycle.outcome).
 
 The outages are real: PostgreSQL refuses every connection to the database
 (`ALLOW_CONNECTIONS false`, its sessions terminated), or another SQLite connection holds
@@ -28,8 +28,8 @@ from sqlalchemy.engine import make_url
 
 from storage.db import dispose_engine, get_engine
 from storage.repository import Repository
-from tasks import cycle
-from tasks.outcome import outbox_dir
+from tasks.cycle import steps as cycle
+from tasks.cycle.outcome import outbox_dir
 from tests.faults._helpers import quiet, sim_spec
 from tests.faults._outage import PostgresOutage, break_at_record
 
@@ -68,7 +68,7 @@ def test_a_short_postgres_outage_during_record_is_waited_out(
 
     began = time.monotonic()
     with quiet():
-        summary = cycle.execute_cycle(
+        summary = cycle.run_cycle(
             sim_spec(optimizer="genetic"), repo, run_step=break_at_record(start_for_3_s)
         )
     assert summary.state == "succeeded"
@@ -101,7 +101,7 @@ def test_a_held_sqlite_write_lock_during_record_is_waited_out(
         assert held.wait(10)
 
     with quiet():
-        summary = cycle.execute_cycle(
+        summary = cycle.run_cycle(
             sim_spec(optimizer="genetic"), repo, run_step=break_at_record(hold_lock_for_3_s)
         )
     assert summary.state == "succeeded"
@@ -113,14 +113,14 @@ _WORKER = """
 import sys
 from storage.db import get_engine
 from storage.repository import Repository
-from tasks import cycle
-from tasks.outcome import OutcomeSpooledError
+from tasks.cycle import steps as cycle
+from tasks.cycle.outcome import OutcomeSpooledError
 from tests.faults._helpers import sim_spec
 from tests.faults._outage import PostgresOutage, break_at_record
 
 url = sys.argv[1]
 try:
-    cycle.execute_cycle(
+    cycle.run_cycle(
         sim_spec(optimizer="genetic"),
         Repository(get_engine(url)),
         run_id=sys.argv[2],
@@ -185,7 +185,7 @@ def test_an_outcome_for_a_run_another_worker_holds_is_dropped_not_forced(
     run was re-queued and claimed by another worker meanwhile, the old lease writes
     nothing, and the file is removed (logged, not retried forever)."""
     from storage.models import RunState
-    from tasks.outcome import RunOutcome, deliver_spooled_outcomes, spool
+    from tasks.cycle.outcome import RunOutcome, deliver_spooled_outcomes, spool
 
     run_id = repo.create_run(task="intent", optimizer="genetic", budget="light", lm="sim", spec={})
     lease_a = repo.start_run(run_id, worker="host:1")

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from storage.repository import Repository
-from tasks import cycle
+from tasks.cycle import steps as cycle
 from tests.faults._helpers import quiet, sim_spec
 
 
@@ -42,7 +42,7 @@ def test_execute_cycle_keeps_the_program_when_the_final_evaluation_fails(
 ) -> None:
     _fail_second_evaluation(monkeypatch)
     with quiet():
-        summary = cycle.execute_cycle(sim_spec(optimizer="genetic"), repo)
+        summary = cycle.run_cycle(sim_spec(optimizer="genetic"), repo)
     assert summary.state == "failed"
     _assert_program_kept(repo, summary.run_id)
 

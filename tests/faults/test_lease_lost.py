@@ -11,10 +11,10 @@ import time
 import pytest
 from sqlalchemy import text
 
-import tasks.cycle_timer as cycle_timer
+import tasks.cycle.timer as cycle_timer
 from storage.repository import Repository
-from tasks import cycle
-from tasks.recovery import recover_stale_runs
+from tasks.cycle import steps as cycle
+from tasks.cycle.recovery import recover_stale_runs
 from tests.faults._helpers import quiet, sim_spec, wait_for
 
 

@@ -3,7 +3,7 @@ ends `failed` with the reason and keeps the best program the optimizer had found
 
 Measured: all three optimizers absorb failed evaluations (DSPy scores an errored example
 0), so the search ends with its best program and the final test evaluation is what
-fails; the run keeps the program on that path (tasks.cycle.execute_cycle)."""
+fails; the run keeps the program on that path (tasks.cycle.steps.run_cycle)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from storage.repository import Repository
-from tasks import cycle
-from tasks.lm import SimulatedEngine
+from tasks.cycle import steps as cycle
+from tasks.lm.sim import SimulatedEngine
 from tests.faults._helpers import quiet, sim_spec
 
 # Calls before the outage: past the baseline and the first iteration of each optimizer.
@@ -48,7 +48,7 @@ def test_an_lm_outage_mid_search_keeps_the_best_program(
     _outage_after(monkeypatch, OUTAGE_AFTER[optimizer])
     spec = sim_spec(optimizer=optimizer, max_train=20, max_val=20)
     with quiet():
-        summary = cycle.execute_cycle(spec, repo)
+        summary = cycle.run_cycle(spec, repo)
     run = repo.get_run(summary.run_id)
     assert run.state == "failed", (run.state, run.error)
     assert "LMServerDown" in run.error or "LM server is gone" in run.error, run.error

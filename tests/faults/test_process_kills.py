@@ -199,7 +199,18 @@ def test_sigterm_of_a_batch_ends_every_run_with_its_reason_and_programs(
     cycles in flight (each keeps its best program, as Ctrl-C does), writes its summary and
     exits 1. Before: no handler of its own; Prefect's aborted the flow and left rows
     `queued` and `running` for the next command to mark stale, programs lost."""
-    cli = cli_on_each_database
+    _stop_a_batch(cli_on_each_database, signal.SIGTERM, "batch terminated (SIGTERM)")
+
+
+def test_ctrl_c_of_a_batch_stops_it_as_sigterm_does(cli: Cli) -> None:
+    """The first Ctrl-C of `dspyflow batch` is the same graceful stop. It is sent, as a
+    terminal does, to the whole process group, so the command's temporary Prefect server
+    must not die of it either. Before: a KeyboardInterrupt in the dispatcher while the
+    cycles in flight ran on."""
+    _stop_a_batch(cli, signal.SIGINT, "batch interrupted (Ctrl-C)", to_group=True)
+
+
+def _stop_a_batch(cli: Cli, signum: signal.Signals, reason: str, *, to_group: bool = False) -> None:
     proc = cli.start(
         "batch", "--generate", "30", "--lm", "sim", "--sim-latency-ms", "30",
         "--lm-calls", "150", "--workers", "2", "--format", "json",
@@ -215,21 +226,24 @@ def test_sigterm_of_a_batch_ends_every_run_with_its_reason_and_programs(
 
     wait_for(under_way, timeout=240, what="a batch with 2 cycles in flight")
     in_flight = {r.id for r in cli.repo.list_runs(state="running", limit=None)}
-    proc.send_signal(signal.SIGTERM)
+    if to_group:
+        os.killpg(proc.pid, signum)
+    else:
+        proc.send_signal(signum)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 1, err[-3000:]
     summary = json.loads(out)
     runs = cli.repo.list_runs(limit=None)
     assert len(runs) == summary["jobs"] == 30
     assert {r.state for r in runs} <= {"succeeded", "cancelled"}, [(r.state, r.error) for r in runs]
-    never = [r for r in runs if r.error == "batch terminated (SIGTERM); the run never started"]
+    never = [r for r in runs if r.error == f"{reason}; the run never started"]
     assert never and all(r.state == "cancelled" and r.started_at is None for r in never)
     stopped = [r for r in runs if r.id in in_flight]
     assert len(stopped) >= 2
     for run in stopped:
         assert run.state in ("cancelled", "succeeded"), (run.state, run.error)
         if run.state == "cancelled":
-            assert "batch terminated (SIGTERM)" in (run.error or "")
+            assert reason in (run.error or "")
         if "during the baseline evaluation" in (run.error or ""):
             continue  # stopped before anything was optimized: no program to keep
         assert run.program_state, f"run {run.id} ({run.state}) kept no program: {run.error}"
@@ -251,3 +265,62 @@ def test_segfault_of_optimize_is_reported_by_runs_list(cli: Cli) -> None:
     assert listed[run.id]["state"] == "stale"
     dead = cli.repo.get_run(run.id)
     assert dead.error == f"worker process {proc.pid} on {socket.gethostname()} is gone"
+
+
+def test_runs_cancel_from_another_process_stops_optimize_with_its_program(
+    cli_on_each_database: Cli,
+) -> None:
+    """`dspyflow runs cancel` in a second process reaches a `dspyflow optimize` that runs
+    on its own temporary Prefect server: the request goes through the database and the
+    worker reads it with its next heartbeat. Before: the command cancelled a flow run on
+    a different Prefect server and the run ended `succeeded`."""
+    cli = cli_on_each_database
+    proc = cli.start(*OPTIMIZE)
+    run = _running_run(cli, proc)
+    result = cli.run("runs", "cancel", run.id[:8], "--reason", "not needed any more")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "cancel requested" in result.stdout
+    out, err = proc.communicate(timeout=120)
+    ended = cli.repo.get_run(run.id)
+    assert ended.state == "cancelled", (ended.state, ended.error, err[-3000:])
+    assert ended.error == "not needed any more"
+    assert ended.program_state, "the best program so far is kept"
+    assert ended.best_score is not None, "and scored on the test split"
+    assert proc.returncode == 1
+    assert json.loads(out)["state"] == "cancelled"
+    again = cli.run("runs", "cancel", run.id)
+    assert again.returncode != 0 and "is cancelled: nothing to cancel" in again.stderr
+
+
+def test_runs_cancel_of_one_batch_job_leaves_the_others_running(cli: Cli) -> None:
+    """A run of a batch shares its flow run with every other job: the cancel stops that
+    run alone, and a queued one is cancelled before it starts."""
+    proc = cli.start(
+        "batch", "--generate", "12", "--lm", "sim", "--sim-latency-ms", "30",
+        "--lm-calls", "60", "--workers", "2", "--format", "json",
+    )  # fmt: skip
+
+    def under_way() -> bool:
+        assert proc.poll() is None, f"dspyflow batch exited early:\n{proc.communicate()}"
+        try:
+            counts = cli.repo.count_runs_by_state()
+        except Exception:  # noqa: BLE001 - the schema is being created
+            return False
+        return counts.get("running", 0) >= 1 and counts.get("queued", 0) >= 1
+
+    wait_for(under_way, timeout=240, what="a batch with a cycle in flight and one queued")
+    running = cli.repo.list_runs(state="running", limit=1)[0]
+    queued = cli.repo.list_runs(state="queued", limit=1)[0]
+    for target in (running, queued):
+        result = cli.run("runs", "cancel", target.id)
+        assert result.returncode == 0, result.stdout + result.stderr
+    out, err = proc.communicate(timeout=240)
+    runs = {r.id: r for r in cli.repo.list_runs(limit=None)}
+    assert (runs[queued.id].state, runs[queued.id].started_at) == ("cancelled", None)
+    assert runs[running.id].state == "cancelled", (runs[running.id].error, err[-3000:])
+    assert runs[running.id].error == "cancelled by an operator"
+    others = [r for r in runs.values() if r.id not in (running.id, queued.id)]
+    assert len(others) == 10 and all(r.state == "succeeded" for r in others), [
+        (r.state, r.error) for r in others
+    ]
+    assert json.loads(out)["states"] == {"succeeded": 10, "cancelled": 2}

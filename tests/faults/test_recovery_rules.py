@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import text
 
 from storage.repository import Repository
-from tasks.recovery import local_worker_gone, reap_dead_local_workers, recover_stale_runs
+from tasks.cycle.recovery import local_worker_gone, reap_dead_local_workers, recover_stale_runs
 
 HOST = socket.gethostname()
 

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from tasks.lm import build_lm
+from tasks.cycle.spec import LMSpec
+from tasks.lm.providers import build_lm
 from tasks.optimizers.genetic import GeneticTeleprompter
 from tasks.programs import get_task
-from tasks.spec import LMSpec
 from tests.faults._helpers import quiet, wait_for
 from tests.faults.test_process_kills import BIN, Cli, cli  # noqa: F401 - the fixture
 
@@ -141,12 +141,12 @@ def test_a_resumed_mipro_search_ends_as_one_that_never_died(repo) -> None:  # ty
     """MIPROv2 dies after 80 optimizer LM calls (bootstrap and proposal done, trials under
     way); the run is re-queued and resumed. It ends with the same program and scores as a
     run that never died, and the two attempts together pay what one clean run pays."""
-    from tasks import cycle
-    from tasks.cycle import CycleContext, optimizer_state_dir, worker_name
-    from tasks.recovery import resume_runs
+    from tasks.cycle import steps as cycle
+    from tasks.cycle.recovery import resume_runs
+    from tasks.cycle.steps import CycleContext, optimizer_state_dir, worker_name
 
     with quiet():
-        whole = cycle.execute_cycle(_mipro_spec(), repo)
+        whole = cycle.run_cycle(_mipro_spec(), repo)
     clean = repo.get_run(whole.run_id)
     assert clean.state == "succeeded"
 

@@ -143,11 +143,11 @@ def test_unreachable_database_url(monkeypatch) -> None:
 
 
 def test_local_extra_missing_is_a_clear_error(use_database, monkeypatch) -> None:
-    import tasks.lm
+    import tasks.lm.local
 
-    real_find_spec = tasks.lm.importlib.util.find_spec
+    real_find_spec = tasks.lm.local.importlib.util.find_spec
     monkeypatch.setattr(
-        tasks.lm.importlib.util,
+        tasks.lm.local.importlib.util,
         "find_spec",
         lambda name, *a: None if name == "llama_cpp" else real_find_spec(name, *a),
     )

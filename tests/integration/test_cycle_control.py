@@ -12,13 +12,13 @@ import time
 import pytest
 from typer.testing import CliRunner
 
-import tasks.cycle_timer as cycle_timer
+import tasks.cycle.timer as cycle_timer
 from flows.cli import app
 from storage.repository import Repository
-from tasks import cycle
-from tasks.budget import release_control
-from tasks.recovery import recover_stale_runs
-from tasks.spec import CycleSpec, LMSpec
+from tasks.cycle import steps as cycle
+from tasks.cycle.budget import release_control
+from tasks.cycle.recovery import recover_stale_runs
+from tasks.cycle.spec import CycleSpec, LMSpec
 
 runner = CliRunner()
 
@@ -105,7 +105,7 @@ def test_a_crashed_run_goes_stale_is_requeued_and_runs_again(
     requeued = repo.get_run(ctx.run_id)
     assert requeued.state == "queued" and requeued.attempt == 2
     with _quiet():
-        summary = cycle.execute_cycle(spec, repo, run_id=ctx.run_id)
+        summary = cycle.run_cycle(spec, repo, run_id=ctx.run_id)
     assert summary.state == "succeeded"
     assert repo.get_run(ctx.run_id).attempt == 2
 
@@ -144,7 +144,7 @@ def test_requeued_gepa_run_resumes_from_its_log_dir(
     time.sleep(1.1)  # SQLite's clock has whole seconds
     assert recover_stale_runs(repo, stale_after_s=0.5, requeue=True).requeued == [ctx.run_id]
     with _quiet():
-        summary = cycle.execute_cycle(spec.model_copy(), repo, run_id=ctx.run_id)
+        summary = cycle.run_cycle(spec.model_copy(), repo, run_id=ctx.run_id)
     assert summary.state == "succeeded"
     run = repo.get_run(ctx.run_id, with_details=True)
     iterations = [s.iteration for s in run.samples if s.iteration > 0]
@@ -160,7 +160,7 @@ def test_cost_budget_stops_a_priced_cycle(sqlite_url: str) -> None:
     repo = Repository(get_engine(sqlite_url))
     spec = _sim(price_per_1k_input_usd=1.0, price_per_1k_output_usd=2.0, cost_budget_usd=10.0)
     with _quiet():
-        summary = cycle.execute_cycle(spec, repo)
+        summary = cycle.run_cycle(spec, repo)
     assert summary.state == "budget_exhausted" and "cost budget of $10" in summary.error
     assert summary.cost_usd is not None and summary.cost_usd >= 10.0
     run = repo.get_run(summary.run_id, with_details=True)
@@ -179,7 +179,7 @@ def invoke(*args: str):  # type: ignore[no-untyped-def]
     "args, message",
     [
         (["--time-budget", "0"], "time_budget_s"),
-        (["--budget", "huge"], "unknown budget preset 'huge'"),
+        (["--budget", "huge"], "'huge' is not one of 'light'"),
         (["--optimizer", "annealing"], "unknown optimizer 'annealing'"),
         (["--lm-call-budget", "-3"], "lm_call_budget"),
         (["--lm", "local", "--time-budget", "1", "--max-val", "40"], "at least 6 s"),

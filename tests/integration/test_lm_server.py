@@ -42,8 +42,8 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def lm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    from tasks.llama_runtime import server_command
-    from tasks.lm import local_model_path
+    from tasks.lm.llama_runtime import server_command
+    from tasks.lm.local import local_model_path
 
     port = _free_port()
     # A file, not a pipe: llama.cpp's load log alone can fill a pipe and block the server.
@@ -78,7 +78,7 @@ def lm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 def _answers(spec, task, examples):  # type: ignore[no-untyped-def]
     """(parsed answers or None per example, LM calls) for the unoptimized program."""
-    from tasks.lm import build_lm
+    from tasks.lm.providers import build_lm
 
     cycle_lm = build_lm(spec, task)
     program = task.build_program()
@@ -94,8 +94,8 @@ def _answers(spec, task, examples):  # type: ignore[no-untyped-def]
 
 
 def test_server_answers_parse_and_match_the_embedded_lm(lm_server: str) -> None:
+    from tasks.cycle.spec import LMSpec
     from tasks.programs import get_task
-    from tasks.spec import LMSpec
 
     task = get_task("intent")
     examples = task.load_splits().test[:N_EXAMPLES]
@@ -117,8 +117,8 @@ def test_server_answers_parse_and_match_the_embedded_lm(lm_server: str) -> None:
 def test_without_a_schema_answers_fail_to_parse(lm_server: str) -> None:
     """The defect this fixes, shown on the same server: json_object alone lets the model
     ramble, and answers fail to parse."""
+    from tasks.cycle.spec import LMSpec
     from tasks.programs import get_task
-    from tasks.spec import LMSpec
 
     task = get_task("intent")
     examples = task.load_splits().test[:6]

@@ -60,18 +60,20 @@ def test_nightly_benchmarks_end_to_end(
     url = f"sqlite:///{tmp_path / 'nightly.db'}"
     monkeypatch.setenv("DSPYFLOW_DATABASE_URL", url)
     from flows.load_test import Tier
-    from flows.nightly import nightly_benchmarks
-    from tasks.nightly import nightly_environment
+    from flows.nightly import NightlyOptions, nightly_benchmarks
+    from tasks.nightly.suite import nightly_environment
 
     repo = Repository(get_engine(url))
     fingerprint = nightly_environment("probe", "auto").env_fingerprint
     _seed_fast_history(repo, fingerprint)
 
     report = nightly_benchmarks(
-        sim_repeats=3,
-        local_lm=False,
-        gpu_reps=3,
-        tiers=[Tier(name="low", rps=20, max_concurrency=10, duration_s=2)],
+        NightlyOptions(
+            sim_repeats=3,
+            local_lm=False,
+            gpu_reps=3,
+            tiers=[Tier(name="low", rps=20, max_concurrency=10, duration_s=2)],
+        )
     )
 
     assert report.env_fingerprint == fingerprint
@@ -117,12 +119,16 @@ def test_nightly_benchmarks_end_to_end(
 
 
 def test_nightly_rejects_bad_parameters(prefect_harness: None) -> None:
-    from pydantic import ValidationError
+    from prefect.exceptions import ParameterTypeError
 
     from flows.nightly import nightly_benchmarks
 
-    with pytest.raises(ValidationError, match="sim_repeats"):
-        nightly_benchmarks(sim_repeats=0, local_lm=False, gpu=False, load=False)
+    # A deployment's run gets its parameters as JSON: Prefect validates them against the
+    # model before the flow body runs, and names the field.
+    with pytest.raises(ParameterTypeError, match=r"options\.sim_repeats"):
+        nightly_benchmarks({"sim_repeats": 0, "local_lm": False, "gpu": False, "load": False})
+    with pytest.raises(ParameterTypeError, match="unknown optimizer 'capacity'"):
+        nightly_benchmarks({"sim_optimizer": "capacity"})
 
 
 def test_gpu_part_holds_the_gpu_limit_on_a_gpu(
@@ -134,7 +140,7 @@ def test_gpu_part_holds_the_gpu_limit_on_a_gpu(
     from prefect.client.orchestration import get_client
 
     import flows.nightly as nightly
-    from tasks.nightly import NightlyEnvironment
+    from tasks.nightly.suite import NightlyEnvironment
 
     seen: dict[str, int] = {}
 

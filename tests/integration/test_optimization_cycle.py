@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from storage.repository import Repository
-from tasks.spec import CycleSpec, LMSpec
+from tasks.cycle.spec import CycleSpec, LMSpec
 
 SMALL = dict(max_train=24, max_val=24, max_test=30)
 
@@ -46,7 +46,7 @@ def test_sim_cycle_end_to_end(prefect_harness, use_database: str) -> None:
 def _test_score(spec: CycleSpec, state: dict[str, Any]) -> float:
     import dspy
 
-    from tasks.lm import build_lm
+    from tasks.lm.providers import build_lm
     from tasks.programs import get_task
 
     task = get_task(spec.task)
@@ -89,7 +89,7 @@ def test_transient_lm_errors_are_retried(
     from dspy.lm15 import RateLimitError, ServerError
 
     from flows.optimization import optimization_cycle
-    from tasks.lm import SimulatedEngine
+    from tasks.lm.sim import SimulatedEngine
 
     attempts = {"answered": 0, "transient": 0}
     lock = threading.Lock()

@@ -203,9 +203,17 @@ def test_report_html(seeded: dict[str, str], tmp_path: Path) -> None:
     out = invoke("report", "--out", str(out_path))
     assert out.exit_code == 0, out.output
     page = out_path.read_text(encoding="utf-8")
-    images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
-    assert len(images) == 4  # scores, durations, benchmark trends, load percentiles
-    assert all(base64.b64decode(i).startswith(b"\x89PNG") for i in images)
+    images = re.findall(r'alt="([^"]*)" src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    assert {alt for alt, _ in images} == {
+        "optimizers on intent",  # the two runs side by side (mipro, gepa)
+        "score over time",
+        "cycle durations",
+        "benchmark trends",
+        "load-test percentiles",
+    }, [alt for alt, _ in images]
+    assert all(base64.b64decode(png).startswith(b"\x89PNG") for _, png in images)
+    # The seeded runs have no progress samples: their history says so instead of a plot.
+    assert f"optimization history of run {seeded['a']}: no data yet" in page
     assert seeded["a"] in page and seeded["b"] in page and seeded["load"] in page
     assert "cycle.sim.intent.mipro.wall_s" in page and "simulated LM" in page
     assert "http" not in page.replace("http://127.0.0.1:1/", "")  # self-contained

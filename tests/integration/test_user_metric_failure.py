@@ -11,8 +11,8 @@ import pytest
 
 from storage.db import get_engine
 from storage.repository import Repository
-from tasks.cycle import execute_cycle
-from tasks.spec import CycleSpec
+from tasks.cycle.spec import CycleSpec
+from tasks.cycle.steps import run_cycle
 
 USER_MODULE = """
 import dspy
@@ -57,7 +57,7 @@ def test_a_failing_metric_is_the_runs_error(
         optimizer="genetic",
     )
     repo = Repository(get_engine(sqlite_url))
-    summary = execute_cycle(spec, repo)
+    summary = run_cycle(spec, repo)
     assert summary.state == "failed"
     assert summary.error is not None
     assert "Execution cancelled" not in summary.error, summary.error

@@ -22,14 +22,14 @@ from pathlib import Path
 import dspy
 import pytest
 
-import tasks.cycle_timer as cycle_timer
+import tasks.cycle.timer as cycle_timer
 from storage.repository import Repository
-from tasks import cycle
-from tasks.budget import cancel_run
-from tasks.lm import build_lm
+from tasks.cycle import steps as cycle
+from tasks.cycle.budget import cancel_run
+from tasks.cycle.spec import CycleSpec, LMSpec
+from tasks.lm.providers import build_lm
 from tasks.optimizers import CompileRequest, get_optimizer
 from tasks.programs import get_task
-from tasks.spec import CycleSpec, LMSpec
 
 pytestmark = pytest.mark.performance
 
@@ -103,7 +103,7 @@ def test_algorithm_cycle_time_small_workload(name: str) -> None:
 def test_progress_tracking(repo: Repository) -> None:
     """Samples, heartbeats and the run row follow the optimizer, on SQLite and Postgres."""
     with _quiet():
-        summary = cycle.execute_cycle(_spec(sim_latency_ms=2), repo)
+        summary = cycle.run_cycle(_spec(sim_latency_ms=2), repo)
     run = repo.get_run(summary.run_id, with_details=True)
     assert run.state == "succeeded" and run.heartbeat_at is not None
     samples = run.samples
@@ -164,7 +164,7 @@ def test_multiple_concurrent_cycles(repo: Repository) -> None:
     ]
     started = time.perf_counter()
     with _quiet(), ThreadPoolExecutor(max_workers=3) as pool:
-        summaries = list(pool.map(lambda s: cycle.execute_cycle(s, repo), specs))
+        summaries = list(pool.map(lambda s: cycle.run_cycle(s, repo), specs))
     wall = time.perf_counter() - started
     assert [s.state for s in summaries] == ["succeeded"] * 3
     assert len({s.run_id for s in summaries}) == 3
@@ -192,7 +192,7 @@ def test_cycle_statistics_and_throughput(sqlite_url: str, monkeypatch: pytest.Mo
     spec = _spec(sim_latency_ms=3, sim_latency_sigma=0, **SMALL_SPLIT)
     steps = cycle.TimedSteps()
     with _quiet():
-        summary = cycle.execute_cycle(spec, repo, run_step=steps)
+        summary = cycle.run_cycle(spec, repo, run_step=steps)
     run = repo.get_run(summary.run_id, with_details=True)
     assert run.state == "succeeded" and run.iterations == 11 == len(ended_at)
     trial_pace = (len(ended_at) - 1) / (ended_at[-1] - ended_at[0])
@@ -212,7 +212,7 @@ def test_time_remaining_estimation(sqlite_url: str) -> None:
     repo = Repository(get_engine(sqlite_url))
     spec = _spec(sim_latency_ms=8, sim_latency_sigma=0, max_train=6)
     with _quiet():
-        summary = cycle.execute_cycle(spec, repo)
+        summary = cycle.run_cycle(spec, repo)
     samples = repo.get_run(summary.run_id, with_details=True).samples
     done = next(s.elapsed_s for s in samples if s.iteration == s.total_iterations)
     middle = [s for s in samples if 3 <= s.iteration <= 8 and s.eta_s is not None]
@@ -226,7 +226,7 @@ def test_time_remaining_estimation(sqlite_url: str) -> None:
 def test_approaching_limit_detection(repo: Repository, monkeypatch: pytest.MonkeyPatch) -> None:
     """At 80 % of a budget: one warning (log, database row, Prefect event); at 100 %:
     one exceeded alert and the guard trips."""
-    from tasks.budget import CycleGuard, StopReason
+    from tasks.cycle.budget import CycleGuard, StopReason
 
     events: list[tuple[str, dict]] = []
     monkeypatch.setattr(
@@ -265,19 +265,21 @@ def test_a_late_sample_never_overwrites_a_newer_one(repo: Repository) -> None:
     """The monitor thread and the cycle's final flush() write concurrently: the progress
     artifact of a finished run ends at 100 %, never at a sample read before it (seen in CI:
     a slow 75 % update landed after the final 100 %)."""
-    from tasks.budget import CycleGuard
+    from tasks.cycle.budget import CycleGuard
     from tasks.optimizers.base import IterationEvent
 
     class SlowFirstUpdate(cycle_timer.PrefectHooks):
         def __init__(self) -> None:
             super().__init__("r")
             self.enabled, self.artifact_id, self.percents = True, "artifact", []
+            self.descriptions: list[str] = []
 
         def update_artifact(self, percent: float, description: str) -> None:
             if not first_update_started.is_set():
                 first_update_started.set()
                 time.sleep(0.3)  # the API is slow for the first (older) sample
             self.percents.append(percent)
+            self.descriptions.append(description)
 
     first_update_started = threading.Event()
     run_id = repo.create_run(task="intent", optimizer="genetic", budget="light", lm="sim", spec={})
@@ -298,6 +300,9 @@ def test_a_late_sample_never_overwrites_a_newer_one(repo: Repository) -> None:
     monitor.flush()  # the cycle's last sample, while the 75 % one is still in flight
     monitor_thread.join(5)
     assert hooks.percents == [75.0, 100.0]
+    # The artifact links the run's page: the command that writes it, with a prefix that
+    # `dspyflow report --run` resolves (tests/integration/test_run_report.py).
+    assert all(f"dspyflow report --run {run_id[:12]}" in d for d in hooks.descriptions)
 
 
 # Work that cannot fit in 2 s but whose first trial / generation ends early: on an idle
@@ -320,7 +325,7 @@ def test_exceeded_target_detection(repo: Repository, name: str) -> None:
     steps = cycle.TimedSteps()
     started = time.perf_counter()
     with _quiet():
-        summary = cycle.execute_cycle(spec, repo, run_step=steps)
+        summary = cycle.run_cycle(spec, repo, run_step=steps)
     elapsed = time.perf_counter() - started
     phases = {name: round(seconds, 3) for name, seconds in steps.seconds.items()}
     assert summary.state == "timed_out", summary.error
@@ -372,7 +377,7 @@ def test_lm_call_budget_stops_and_keeps_the_best_program(sqlite_url: str, name: 
     repo = Repository(get_engine(sqlite_url))
     spec = _spec(optimizer=name, max_train=6, max_val=10, max_test=6, lm_call_budget=130)
     with _quiet():
-        summary = cycle.execute_cycle(spec, repo)
+        summary = cycle.run_cycle(spec, repo)
     run = repo.get_run(summary.run_id, with_details=True)
     assert summary.state == "budget_exhausted" and "LM-call budget of 130" in summary.error
     # 130 calls for baseline + search; the final test evaluation (6) comes on top.
@@ -393,7 +398,7 @@ def test_cancellation_keeps_the_best_program(repo: Repository) -> None:
 
     def run() -> None:
         with _quiet():
-            holder["summary"] = cycle.execute_cycle(spec, repo, run_id=run_id)
+            holder["summary"] = cycle.run_cycle(spec, repo, run_id=run_id)
 
     worker = threading.Thread(target=run)
     worker.start()

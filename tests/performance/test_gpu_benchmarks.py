@@ -25,6 +25,7 @@ from gpu import check
 from gpu import device as devmod
 from gpu import memory as mem
 from gpu import tensor_ops as ops
+from gpu.timing import Timer
 
 pytestmark = pytest.mark.performance
 
@@ -124,7 +125,7 @@ def test_synchronization(device: str) -> None:
         done.record()
         devmod.synchronize(dev)
         assert done.query(), "work still pending after synchronize()"
-    timer = bench.Timer(dev)
+    timer = Timer(dev)
     assert timer.once(lambda: a @ a) > 0
     assert torch.isfinite(out).all()
 
@@ -452,7 +453,7 @@ def test_gpu_ops_script_prints_each_case_as_measured(tmp_path: Path, capsys, mon
 
 def test_interleaving_alternates_the_order() -> None:
     calls: list[str] = []
-    timer = bench.Timer(torch.device("cpu"))
+    timer = Timer(torch.device("cpu"))
     timings = timer.interleaved(
         [lambda: calls.append("A"), lambda: calls.append("B")], warmup=1, reps=4
     )
@@ -632,7 +633,14 @@ def test_gpu_check_script_cpu_dry_run(tmp_path: Path) -> None:
 
 def test_environment_fingerprint_is_stable_and_ignores_the_commit() -> None:
     env = bench.environment(devmod.device_info("cpu"))
-    assert {"device_name", "driver", "torch_version", "cpu_model", "git_commit"} <= env.keys()
+    # The keys and the torch string that history was fingerprinted with before the
+    # fingerprint moved to storage.environment: a change would orphan every stored row.
+    assert env.keys() == {
+        "device_name", "device_type", "backend", "compute_capability", "total_memory_bytes",
+        "driver", "runtime", "torch_version", "numpy_version", "python", "cpu_model",
+        "cpu_count", "os", "git_commit",
+    }  # fmt: skip
+    assert env["torch_version"] == torch.__version__
     fp = bench.fingerprint(env)
     assert fp == bench.fingerprint(dict(env)) and len(fp) == 16
     assert bench.fingerprint({**env, "git_commit": "0" * 40}) == fp
@@ -650,7 +658,7 @@ def one_thread():
 
 
 def test_scaling_with_matrix_size(one_thread: None) -> None:
-    timer = bench.Timer(torch.device("cpu"))
+    timer = Timer(torch.device("cpu"))
     times = {}
     for n in (128, 512):
         a, b = rand(n, n), rand(n, n, seed=1)
@@ -671,7 +679,7 @@ def test_warmup_effect_measurement() -> None:
 
             time.sleep(0.05)
 
-    timer = bench.Timer(torch.device("cpu"))
+    timer = Timer(torch.device("cpu"))
     t = timer.measure(lazily_initialised, warmup=2, reps=5)
     assert calls["n"] == 1 + 2 + 5  # first call, warm-up, repetitions
     assert t.first_call_ms is not None and t.first_call_ms >= 50
@@ -684,7 +692,7 @@ def test_warmup_effect_measurement() -> None:
 
 def test_batch_operation_efficiency(one_thread: None) -> None:
     q, db = rand(16, 384), ops.normalize_rows(rand(5_000, 384, seed=6))
-    timer = bench.Timer(torch.device("cpu"))
+    timer = Timer(torch.device("cpu"))
     batched = timer.measure(lambda: ops.topk_cosine(q, db, 5, normalized=True), warmup=1, reps=3)
     single = timer.measure(
         lambda: [ops.topk_cosine(q[i : i + 1], db, 5, normalized=True) for i in range(16)],
@@ -920,7 +928,7 @@ def test_gpu_faster_than_cpu_and_warmup_visible() -> None:
     assert r.ours.cold and r.ours.timer == "cuda-events"
     assert r.speedup_vs_cpu is not None and r.speedup_vs_cpu > 2, r.speedup_vs_cpu
     assert r.extra_bytes and r.extra_bytes >= 1024 * 1024 * 4
-    timer = bench.Timer(torch.device("cuda"))
+    timer = Timer(torch.device("cuda"))
     x = rand(3000, 200, device="cuda")  # a new shape: the first call compiles/launches cold
     t = timer.measure(lambda: ops.normalize_rows(x), warmup=3, reps=10)
     assert t.median_ms < t.first_call_ms

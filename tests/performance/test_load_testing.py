@@ -12,7 +12,6 @@ import asyncio
 import json
 import math
 import re
-import shutil
 import subprocess
 import sys
 import threading
@@ -27,10 +26,11 @@ from tasks.load.config import LoadTestConfig
 from tasks.load.histograms import decode, encode, merge, new_histogram, percentiles, record_seconds
 from tasks.load.loopback import LoopbackServer
 from tasks.load.patterns import ConstantPattern, RampPattern, SpikePattern, WavePattern
-from tasks.load.report import ReportData, series, write_reports
 from tasks.load.results import LoadTestResult
 from tasks.load.runner import Verdict, judge, run_load_test
 from tasks.load.thresholds import ThresholdError, parse_threshold
+from tasks.reports.load import ReportData, series, write_reports
+from tests.browser import CHROMIUM, render_in_chromium
 
 pytestmark = pytest.mark.performance
 
@@ -469,24 +469,10 @@ def test_full_performance_report(ramp_run: tuple[LoadTestResult, Verdict], tmp_p
         assert heading in md
     page = html_path.read_text()
     assert page.count('src="data:image/png;base64,') == 4
+    assert '<meta name="viewport"' in page  # the reports' shared layout
+    assert "<code>p95&lt;1s</code>" in page  # a threshold is text, escaped in its <code>
     assert "<script" not in page and "http-equiv" not in page
     assert not re.search(r"(src|href)=\"(https?:)?//", page)  # self-contained: no fetches
-
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-_CHECK_SCRIPT = """
-<script>
-window.addEventListener('load', function () {
-  var imgs = Array.prototype.slice.call(document.querySelectorAll('img.plot'));
-  var ok = imgs.filter(function (i) { return i.complete && i.naturalWidth > 0; });
-  var out = document.createElement('pre');
-  out.id = 'plot-check';
-  out.textContent = JSON.stringify({total: imgs.length, rendered: ok.length,
-    widths: imgs.map(function (i) { return i.naturalWidth; })});
-  document.body.appendChild(out);
-});
-</script>
-"""
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="needs chromium: apt-get install -y chromium")
@@ -494,34 +480,7 @@ def test_html_report_renders_in_headless_chromium(
     ramp_run: tuple[LoadTestResult, Verdict], tmp_path: Path
 ) -> None:
     html_path, _ = _write(ramp_run, tmp_path / "r.html")
-    probe = tmp_path / "probe.html"
-    probe.write_text(html_path.read_text().replace("</body>", _CHECK_SCRIPT + "</body>"))
-    assert CHROMIUM is not None
-    out = subprocess.run(
-        [
-            CHROMIUM,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-dev-shm-usage",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--no-first-run",
-            f"--user-data-dir={tmp_path / 'profile'}",
-            "--virtual-time-budget=5000",
-            "--dump-dom",
-            probe.as_uri(),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    start = out.stdout.find('<pre id="plot-check">')
-    assert start >= 0, out.stderr[-2000:]
-    check = json.loads(
-        out.stdout[start:].split(">", 1)[1].split("</pre>", 1)[0].replace("&quot;", '"')
-    )
+    check = render_in_chromium(html_path, tmp_path)
     assert check["total"] == 4 and check["rendered"] == 4, check
     assert all(w > 300 for w in check["widths"])
 
@@ -568,6 +527,18 @@ def test_load_test_flow_records_and_remerges(flows_env: str, server: LoopbackSer
     assert again.response.p99_ms == steady.response.p99_ms
     assert again.service.p50_ms == steady.service.p50_ms
     assert remerge(outcome.run_id).requests == server.stats().requests
+    # The results report draws this newest test's windows from the same stored histograms.
+    from tasks.reports.results import collect
+
+    drawn = collect(Repository()).load_windows
+    assert drawn is not None and drawn.id == outcome.run_id
+    assert len(drawn.windows) == len(run.windows)
+    assert drawn.where == f"target {run.target}"
+    stored_windows = sorted(run.windows, key=lambda w: w.window_index)
+    for window, stored in zip(drawn.windows, stored_windows, strict=True):
+        assert window["achieved_rate"] == stored.achieved_rate
+        if stored.requests:
+            assert 0 < window["p50_ms"] <= window["p95_ms"] <= window["p99_ms"]
     with get_client(sync_client=True) as client:
         arts = client.read_artifacts(
             artifact_filter=ArtifactFilter(

@@ -1,5 +1,5 @@
 """Setups that cannot work across processes are refused before any run row is written,
-with the reason and the fix in one line (tasks.cluster, `dspyflow batch`).
+with the reason and the fix in one line (tasks.batch.cluster, `dspyflow batch`).
 
 The refusals that need a scheduler use an in-process Dask cluster (a real scheduler and
 worker, threads); the real processes are in tests/cluster/."""
@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from tasks.batch import BatchOptions
-from tasks.cluster import ClusterSetupError, check_cluster_setup
-from tasks.local_cluster import free_port
+from tasks.batch.cluster import ClusterSetupError, check_cluster_setup
+from tasks.batch.local_cluster import free_port
+from tasks.batch.models import BatchOptions
 
 PG = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 
@@ -97,9 +97,9 @@ def live_api(prefect_harness: None) -> str:
 
 
 def test_no_scheduler_is_refused(live_api: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    import tasks.cluster
+    import tasks.batch.cluster
 
-    monkeypatch.setattr(tasks.cluster, "_CONNECT_TIMEOUT_S", 2.0)
+    monkeypatch.setattr(tasks.batch.cluster, "_CONNECT_TIMEOUT_S", 2.0)
     with pytest.raises(ClusterSetupError, match="no Dask scheduler answers.*dask scheduler"):
         check_cluster_setup(dask(f"tcp://127.0.0.1:{free_port()}"), PG)
 

@@ -7,7 +7,7 @@ import threading
 import dspy
 import pytest
 
-from tasks.budget import (
+from tasks.cycle.budget import (
     BudgetTooSmallError,
     CycleGuard,
     CycleStopped,
@@ -17,11 +17,12 @@ from tasks.budget import (
     control_for,
     release_control,
 )
-from tasks.cycle_timer import CycleTimer
-from tasks.lm import CycleUsage, build_lm
+from tasks.cycle.spec import CycleSpec, LMSpec
+from tasks.cycle.timer import CycleTimer
+from tasks.lm.providers import build_lm
+from tasks.lm.usage import CycleUsage
 from tasks.optimizers.base import IterationEvent, five_arg_metric
 from tasks.programs import get_task
-from tasks.spec import CycleSpec, LMSpec
 
 
 class FakeClock:

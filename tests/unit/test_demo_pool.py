@@ -6,8 +6,9 @@ from collections import Counter
 
 import pytest
 
-from tasks.cycle import load_cycle_data, select_demo_pool
-from tasks.spec import CycleSpec, LMSpec
+from tasks.cycle.data import load_cycle_data
+from tasks.cycle.spec import CycleSpec, LMSpec
+from tasks.cycle.steps import select_demo_pool
 
 
 def _pool(mode: str, k: int = 16):  # type: ignore[no-untyped-def]

@@ -8,7 +8,7 @@ import dspy
 import pytest
 import torch
 
-from tasks import demo_selection as ds
+from tasks.optimizers import demo_selection as ds
 
 HAS_MINILM = importlib.util.find_spec(ds.MINILM_PACKAGE) is not None
 needs_minilm = pytest.mark.skipif(

@@ -5,11 +5,11 @@ from __future__ import annotations
 import dspy
 import pytest
 
-from tasks.lm import build_lm
+from tasks.cycle.spec import LMSpec
+from tasks.lm.providers import build_lm
 from tasks.optimizers import CompileRequest, get_optimizer
 from tasks.optimizers.genetic import Gene, GeneticTeleprompter
 from tasks.programs import get_task
-from tasks.spec import LMSpec
 
 
 @pytest.fixture(scope="module")

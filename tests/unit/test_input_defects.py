@@ -15,9 +15,9 @@ import dspy
 import pytest
 from pydantic import ValidationError
 
+from tasks.cycle.spec import CycleSpec
 from tasks.programs import TaskDefinition
 from tasks.programs.dataset import UserMetricError, load_user_task
-from tasks.spec import CycleSpec
 
 # --- the splits cache (item 7) ---------------------------------------------------------------
 

@@ -10,15 +10,9 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from tasks.batch_jobs import JobsFileError, capacity_jobs, load_jobs
-from tasks.job_queue import (
-    Backpressure,
-    JobQueue,
-    QueueClosedError,
-    SubmitStatus,
-    TokenBucketLimiter,
-    percentile,
-)
+from tasks.batch.jobs import JobsFileError, capacity_jobs, load_jobs
+from tasks.batch.queue import Backpressure, JobQueue, QueueClosedError, SubmitStatus, percentile
+from tasks.lm.rate_limit import TokenBucketLimiter
 
 
 class FakeClock:
@@ -180,7 +174,7 @@ def test_token_bucket_rejects_bad_settings(bad: dict[str, float]) -> None:
 
 
 def test_batch_options_reject_non_positive_workers_and_capacity() -> None:
-    from tasks.batch import BatchOptions
+    from tasks.batch.models import BatchOptions
 
     for field in ("workers", "capacity", "max_concurrent"):
         with pytest.raises(ValidationError, match=field):

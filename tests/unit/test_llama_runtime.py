@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.llama_runtime import (
+from tasks.lm.llama_runtime import (
     LlamaCannotRunError,
     ProbeOutcome,
     outcome_of,
@@ -96,7 +96,7 @@ def test_real_probe_runs_the_model_both_ways() -> None:
     CPU. With them it decodes too, except on a CPU that reports AMX, where llama.cpp's AMX
     buffers may die on tiles the kernel does not grant (SIGSEGV or SIGILL, seen on CI's
     machines): then the probe must report the death, not hang or raise."""
-    from tasks.lm import local_model_path
+    from tasks.lm.local import local_model_path
 
     path = local_model_path()
     with_bufts = run_probe(path, True)
@@ -126,8 +126,8 @@ def test_real_probe_reports_a_model_that_cannot_load(model_file) -> None:
 @pytest.mark.local_lm
 @needs_llama
 def test_load_without_extra_buffers_sets_the_model_param() -> None:
-    from tasks.llama_runtime import load_llama
-    from tasks.lm import local_model_path
+    from tasks.lm.llama_runtime import load_llama
+    from tasks.lm.local import local_model_path
 
     llm = load_llama(local_model_path(), extra_bufts=False, n_ctx=128, verbose=False)
     assert llm.model_params.use_extra_bufts is False

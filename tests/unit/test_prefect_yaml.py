@@ -62,7 +62,7 @@ def test_pull_step_and_nightly_schedule(config: dict[str, Any]) -> None:
 
 
 def test_cycle_default_spec_validates(config: dict[str, Any]) -> None:
-    from tasks.spec import CycleSpec
+    from tasks.cycle.spec import CycleSpec
 
     cycle = next(d for d in config["deployments"] if d["name"] == "cycle")
     spec = CycleSpec.model_validate(cycle["parameters"]["spec"])

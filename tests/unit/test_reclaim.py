@@ -15,10 +15,10 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import update
 
-import tasks.cycle_timer
+import tasks.cycle.timer
 from storage.models import OptimizationRun
 from storage.repository import Repository
-from tasks.cluster import reclaim_orphaned_run
+from tasks.batch.cluster import reclaim_orphaned_run
 
 ME = f"{socket.gethostname()}:{os.getpid()}"
 
@@ -42,7 +42,7 @@ def _running(repo: Repository, worker: str, heartbeat_age_s: float = 0.0) -> tup
 
 @pytest.fixture
 def fast_heartbeat(monkeypatch: pytest.MonkeyPatch) -> float:
-    monkeypatch.setattr(tasks.cycle_timer, "HEARTBEAT_INTERVAL_S", 0.2)
+    monkeypatch.setattr(tasks.cycle.timer, "HEARTBEAT_INTERVAL_S", 0.2)
     return 0.2
 
 

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from tasks.regression import (
+from tasks.nightly.regression import (
     Measurement,
     RegressionSettings,
     compare,

@@ -9,11 +9,12 @@ from typing import Any
 import dspy
 import pytest
 
-from tasks.lm import SimulatedEngine, _word_overlap, build_lm
+from tasks.cycle.spec import LMSpec
+from tasks.lm.providers import build_lm
+from tasks.lm.sim import SimulatedEngine, _word_overlap
 from tasks.programs import get_task
 from tasks.programs.extraction import ExtractOrder
 from tasks.programs.intent import ClassifyIntent
-from tasks.spec import LMSpec
 
 
 def _messages(signature: type[dspy.Signature], demos: list[Any], inputs: dict[str, Any]) -> Any:

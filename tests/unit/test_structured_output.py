@@ -5,8 +5,8 @@ from __future__ import annotations
 import dspy
 from dspy.utils.exceptions import LMProviderError
 
-from tasks.spec import LMSpec
-from tasks.structured_output import ResponseFormatAdapter, adapter_for
+from tasks.cycle.spec import LMSpec
+from tasks.lm.structured_output import ResponseFormatAdapter, adapter_for
 
 
 class Classify(dspy.Signature):

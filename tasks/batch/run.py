@@ -1,4 +1,4 @@
-"""Many cycles in one flow run: the `run_cycle` task and the batch dispatcher.
+"""Many cycles in one flow run: the `batch_job` task and the batch dispatcher.
 
 One Prefect task per job (a task run costs ~5 ms; a subflow 100 ms to 1 s). Jobs enter
 dspyflow's `JobQueue` (priority, backpressure) and the dispatcher, in the flow's thread,
@@ -8,7 +8,7 @@ waits on another task's future (that deadlocks a bounded pool): completion comes
 through done-callbacks that free the queue slot.
 
 Every job gets its row up front (all `queued`, one transaction, one `batch_id`) and ends
-in a terminal state: cycles record their own (`execute_cycle`), refused jobs are
+in a terminal state: cycles record their own (`run_cycle`), refused jobs are
 `cancelled` with the reason, and a task run that died without recording one is `failed`.
 """
 
@@ -19,179 +19,32 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
-from urllib.parse import urlsplit
+from typing import Any
 
 import dspy
 from prefect import task
 from prefect.cache_policies import NONE
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from storage.db import get_engine
 from storage.models import RunState
-from storage.repository import Repository, new_id
-from tasks.batch_jobs import RejectedLine
-from tasks.cycle import execute_cycle, worker_name
-from tasks.cycle_timer import HEARTBEAT_INTERVAL_S
-from tasks.job_queue import (
-    DEFAULT_CAPACITY,
-    DEFAULT_MAX_CONCURRENT,
-    Backpressure,
-    JobQueue,
-    LimiterMetrics,
+from storage.repository import Repository, RunClaimError, new_id
+from tasks.batch.jobs import RejectedLine
+from tasks.batch.models import BatchOptions, BatchSummary, top_errors
+from tasks.batch.queue import JobQueue, SubmitStatus
+from tasks.cycle.spec import CycleSpec
+from tasks.cycle.steps import run_cycle, worker_name
+from tasks.cycle.thread_safety import guard_tqdm_registry
+from tasks.cycle.timer import HEARTBEAT_INTERVAL_S
+from tasks.lm.rate_limit import (
     PrefectRateLimiter,
-    QueueMetrics,
-    SubmitStatus,
+    RateLimiter,
     TokenBucketLimiter,
     ensure_prefect_rate_limit,
 )
-from tasks.lm import RateLimiter
-from tasks.spec import CycleSpec
-from tasks.thread_safety import guard_tqdm_registry
 
 logger = logging.getLogger("dspyflow.batch")
-guard_tqdm_registry()  # concurrent cycles: DSPy clears tqdm's registry without its lock
 
-_DASK_SCHEMES = {"tcp", "tls", "ucx", "ws", "wss"}
 OPTIMIZATION_TAG = "optimization"  # `prefect concurrency-limit create optimization N` caps it
-
-
-class BatchOptions(BaseModel):
-    """How a batch runs: validated at the boundary (flow parameters, CLI, Python)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    workers: int = Field(
-        64, gt=0, le=4096, description="Task-runner threads, or Dask task slots in all."
-    )
-    max_concurrent: int = Field(
-        DEFAULT_MAX_CONCURRENT, gt=0, description="Cap on cycles in flight at once."
-    )
-    capacity: int = Field(DEFAULT_CAPACITY, gt=0, description="Queue capacity.")
-    backpressure: Backpressure = Field(
-        Backpressure.refuse,
-        description="At >= 90 % of capacity: `refuse` (job cancelled with the reason) or "
-        "`defer` (held and admitted as the queue drains).",
-    )
-    lm_rps: float | None = Field(None, gt=0, description="LM requests/s for the whole batch.")
-    lm_tokens_per_min: float | None = Field(None, gt=0, description="LM prompt tokens/min.")
-    prefect_rate_limit: str | None = Field(
-        None,
-        description="Name of a Prefect global rate limit shared across processes; created "
-        "or updated with `lm_rps` when that is given.",
-    )
-    task_tags: list[str] | None = Field(
-        None,
-        description="Tags of the cycle tasks. None: `optimization` when a Prefect "
-        "concurrency limit on that tag exists at batch start (it then caps cycles across "
-        "flows), else none: Prefect checks the limits of every tag of every task run, two "
-        "API calls each, about a third of a capacity batch's throughput on 2 cores.",
-    )
-    task_runner: Literal["threads", "dask"] = "threads"
-    dask_address: str | None = Field(None, description="Dask scheduler, e.g. tcp://host:8786.")
-    batch_id: str | None = Field(None, max_length=32)
-
-    @model_validator(mode="after")
-    def _dask_needs_shared_limits(self) -> BatchOptions:
-        if self.dask_address is not None:
-            if self.task_runner != "dask":
-                raise ValueError(
-                    "dask_address is for task_runner=dask: add --task-runner dask, or drop "
-                    "--dask-address to run in this process"
-                )
-            parts = urlsplit(self.dask_address)
-            try:
-                port = parts.port
-            except ValueError:
-                port = None
-            if parts.scheme not in _DASK_SCHEMES or not parts.hostname or port is None:
-                raise ValueError(
-                    f"dask_address {self.dask_address!r} is not a scheduler address: "
-                    "use tcp://HOST:PORT (e.g. tcp://scheduler:8786)"
-                )
-        if self.task_runner != "dask":
-            return self
-        if self.lm_rps and not self.prefect_rate_limit:
-            raise ValueError(
-                "task_runner=dask runs cycles in other processes, each of which would get "
-                "its own copy of the in-process LM rate limit (N processes, N x lm_rps); "
-                "add prefect_rate_limit (--prefect-rate-limit NAME) to share lm_rps "
-                "through the Prefect server, or use task_runner=threads"
-            )
-        if self.lm_tokens_per_min:
-            raise ValueError(
-                "lm_tokens_per_min (--lm-tpm) is enforced in one process only and cannot "
-                "be shared across Dask workers; drop it and limit requests/s with "
-                "--lm-rps and --prefect-rate-limit, or use task_runner=threads"
-            )
-        return self
-
-    @property
-    def in_flight_cap(self) -> int:
-        # More in flight than slots would queue jobs inside the runner, where dspyflow's
-        # priorities no longer apply.
-        return min(self.workers, self.max_concurrent)
-
-
-class BatchSummary(BaseModel):
-    """What a batch reports (CLI output, flow return value, Prefect artifact)."""
-
-    batch_id: str
-    jobs: int
-    states: dict[str, int]
-    succeeded: int
-    failed: int
-    refused: int
-    deferred: int
-    success_rate: float
-    wall_s: float
-    jobs_per_s: float = Field(description="Jobs run (refused ones excluded) per second.")
-    queue_wait_p50_s: float | None
-    queue_wait_p95_s: float | None
-    run_p50_s: float | None
-    run_p95_s: float | None
-    max_in_flight: int
-    workers: int
-    max_concurrent: int
-    capacity: int
-    lm_calls: int
-    lm_rps_limit: float | None
-    simulated: bool
-    top_errors: dict[str, int] = Field(default_factory=dict)
-    rejected_lines: list[RejectedLine] = Field(default_factory=list)
-    queue: QueueMetrics
-    limiter: LimiterMetrics | None = None
-
-    def to_markdown(self) -> str:
-        sim = " (simulated LM: capacity figures, not model quality)" if self.simulated else ""
-        rows = [
-            ("jobs", self.jobs),
-            ("succeeded", self.succeeded),
-            ("failed", self.failed),
-            ("refused (backpressure)", self.refused),
-            ("success rate", f"{self.success_rate:.2%}"),
-            ("wall time", f"{self.wall_s:.2f} s"),
-            ("throughput", f"{self.jobs_per_s:.1f} jobs/s"),
-            (
-                "queue wait p50 / p95",
-                f"{_ms(self.queue_wait_p50_s)} / {_ms(self.queue_wait_p95_s)}",
-            ),
-            ("run time p50 / p95", f"{_ms(self.run_p50_s)} / {_ms(self.run_p95_s)}"),
-            ("max in flight", f"{self.max_in_flight} (workers {self.workers})"),
-            ("LM calls", self.lm_calls),
-        ]
-        lines = [f"# Optimization batch `{self.batch_id}`{sim}", "", "| | |", "|---|---|"]
-        lines += [f"| {k} | {v} |" for k, v in rows]
-        lines += ["", "| state | runs |", "|---|---|"]
-        lines += [f"| {k} | {v} |" for k, v in sorted(self.states.items())]
-        if self.top_errors:
-            lines += ["", "| error | runs |", "|---|---|"]
-            lines += [f"| {k.replace('|', '/')} | {v} |" for k, v in self.top_errors.items()]
-        return "\n".join(lines)
-
-
-def _ms(value: float | None) -> str:
-    return "-" if value is None else f"{value * 1000:.0f} ms"
 
 
 # --- the per-job task -------------------------------------------------------------------
@@ -209,7 +62,7 @@ def repository_for(url: str) -> Repository:
         return repo
 
 
-def run_cycle_job(
+def run_batch_job(
     spec: CycleSpec,
     run_id: str,
     database_url: str,
@@ -223,11 +76,12 @@ def run_cycle_job(
     `reclaim` (the Dask runner): this may be a second execution of the job, the runner's
     answer to losing the worker process of the first; a row left `running` by that dead
     process is marked stale and re-queued so this execution claims it (attempt 2)."""
-    from tasks.cycle_timer import PER_CYCLE_ARTIFACTS
+    from tasks.cycle.timer import PER_CYCLE_ARTIFACTS
 
+    guard_tqdm_registry()  # concurrent cycles: DSPy clears tqdm's registry without its lock
     repo = repository_for(database_url)
     if reclaim:
-        from tasks.cluster import reclaim_orphaned_run
+        from tasks.batch.cluster import reclaim_orphaned_run
 
         reclaim_orphaned_run(repo, run_id, worker_name())
     # The batch publishes one summary artifact, not one progress artifact per cycle.
@@ -235,16 +89,20 @@ def run_cycle_job(
     try:
         # Long-running workers: DSPy's global LM history would grow to 10k entries.
         with dspy.context(disable_history=True):
-            summary = execute_cycle(
-                spec, repo, run_id=run_id, flow_run_id=flow_run_id, limiter=limiter
-            )
+            summary = run_cycle(spec, repo, run_id=run_id, flow_run_id=flow_run_id, limiter=limiter)
+    except RunClaimError:
+        ended = repo.get_run(run_id).state
+        if RunState(ended).terminal:  # cancelled by a stopped batch before it started
+            logger.info("run %s ended (%s) before this job started: nothing to run", run_id, ended)
+            return ended
+        raise
     finally:
         PER_CYCLE_ARTIFACTS.reset(token)
     return summary.state
 
 
 @task(
-    name="run-cycle",
+    name="batch-job",
     task_run_name="cycle-{run_id}",
     tags=[OPTIMIZATION_TAG],
     cache_policy=NONE,
@@ -252,7 +110,7 @@ def run_cycle_job(
     cache_result_in_memory=False,  # client memory would grow with every task run
     log_prints=False,
 )
-def run_cycle(
+def batch_job(
     spec: CycleSpec,
     run_id: str,
     database_url: str,
@@ -261,7 +119,7 @@ def run_cycle(
     reclaim: bool = False,
 ) -> str:
     """One optimization cycle as one Prefect task run (the budget is enforced inside)."""
-    return run_cycle_job(spec, run_id, database_url, limiter, flow_run_id, reclaim)
+    return run_batch_job(spec, run_id, database_url, limiter, flow_run_id, reclaim)
 
 
 class BatchStop:
@@ -351,17 +209,11 @@ def _task_runner(options: BatchOptions) -> Any:
 def _row(spec: CycleSpec, run_id: str, batch_id: str) -> dict[str, Any]:
     return {
         # The batch process owns its queued rows until a cycle claims one: recovery
-        # marks them stale at once when this process is gone (tasks.recovery).
+        # marks them stale at once when this process is gone (tasks.cycle.recovery).
         "worker": worker_name(),
         "run_id": run_id,
-        "task": spec.program or spec.task,
-        "optimizer": spec.optimizer,
-        "budget": spec.budget,
-        "lm": spec.lm.model,
-        "spec": spec.model_dump(mode="json"),
-        "priority": spec.priority,
         "batch_id": batch_id,
-        "simulated": spec.lm.provider == "sim",
+        **spec.run_fields(),
     }
 
 
@@ -382,7 +234,7 @@ def run_batch(
     terminal."""
     if not specs:
         raise ValueError("a batch needs at least one job")
-    from tasks.cluster import check_cluster_setup
+    from tasks.batch.cluster import check_cluster_setup
 
     # Workers in other processes that cannot report or record: refused before any write.
     cluster = check_cluster_setup(options, database_url)
@@ -429,7 +281,7 @@ def _stop_batch(
     repo: Repository, queue: JobQueue[CycleSpec], options: BatchOptions, reason: str
 ) -> None:
     """Start nothing more; cancel what this process runs; the dispatcher then drains."""
-    from tasks.budget import cancel_run
+    from tasks.cycle.budget import cancel_run
 
     not_started = queue.drain()
     logger.warning(
@@ -440,9 +292,14 @@ def _stop_batch(
     )
     for run_id in not_started:
         repo.finish_run(run_id, RunState.cancelled, error=f"{reason}; the run never started")
-    if options.task_runner == "threads":
-        for run_id in queue.running_ids():
-            cancel_run(run_id, reason)
+    for run_id in queue.running_ids():
+        if options.task_runner == "threads":
+            cancel_run(run_id, reason)  # in this process: at its next LM call
+        else:
+            # In a Dask worker process, as `runs cancel` does: a running row gets the
+            # request for its next heartbeat; a row the worker has not claimed yet (a busy
+            # cluster starts tasks late) is cancelled before it starts.
+            repo.cancel(run_id, reason, unclaimed_note="; the run never started")
 
 
 class _QueuedKeeper:
@@ -506,7 +363,7 @@ def _dispatch(
         return callback
 
     tags = resolve_task_tags(options.task_tags)
-    cycle_task = run_cycle if tags == [OPTIMIZATION_TAG] else run_cycle.with_options(tags=tags)
+    cycle_task = batch_job if tags == [OPTIMIZATION_TAG] else batch_job.with_options(tags=tags)
     with _task_runner(options) as runner:
         while (job := queue.take()) is not None:
             params = {
@@ -582,11 +439,6 @@ def _summarize(
 ) -> BatchSummary:
     runs = repo.list_runs(batch_id=batch_id, limit=None)
     states = collections.Counter(r.state for r in runs)
-    errors = collections.Counter(
-        (r.error or "").split(";")[0][:120]
-        for r in runs
-        if r.state != RunState.succeeded.value and r.error
-    )
     metrics = queue.metrics()
     succeeded = states.get(RunState.succeeded.value, 0)
     executed = jobs - metrics.refused
@@ -612,7 +464,7 @@ def _summarize(
         lm_calls=sum(r.lm_calls or 0 for r in runs),
         lm_rps_limit=options.lm_rps,
         simulated=any(r.simulated for r in runs),
-        top_errors=dict(errors.most_common(5)),
+        top_errors=top_errors(runs),
         rejected_lines=list(rejected_lines),
         queue=metrics,
         limiter=bucket.metrics() if bucket is not None else None,

@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import dspy
 
-from tasks.spec import LMSpec
+from tasks.cycle.spec import LMSpec
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class ResponseFormatAdapter(dspy.JSONAdapter):
                 "json_schema": {"name": "outputs", "schema": schema, "strict": True},
             }
 
-    def __call__(self, lm: Any, lm_kwargs: dict[str, Any], signature: Any, demos: Any, inputs: Any):  # type: ignore[no-untyped-def]
+    def __call__(self, lm: Any, lm_kwargs: dict[str, Any], signature: Any, demos: Any, inputs: Any):
         try:
             return super().__call__(lm, dict(lm_kwargs), signature, demos, inputs)
         except Exception as exc:
@@ -68,7 +68,7 @@ class ResponseFormatAdapter(dspy.JSONAdapter):
 
     async def acall(
         self, lm: Any, lm_kwargs: dict[str, Any], signature: Any, demos: Any, inputs: Any
-    ):  # type: ignore[no-untyped-def]
+    ):
         try:
             return await super().acall(lm, dict(lm_kwargs), signature, demos, inputs)
         except Exception as exc:

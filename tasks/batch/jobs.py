@@ -17,7 +17,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
 
-from tasks.spec import CycleSpec, LMSpec
+from tasks.cycle.spec import CycleSpec, LMSpec
 
 _MAX_LISTED = 20  # bad lines named in the exception message; all are in `.rejected`
 

@@ -5,7 +5,7 @@
   extra is installed), timed end to end;
 - the GPU ops at small sizes (on the CPU where there is no GPU);
 - load-tier metrics read back from the recorded load tests, one sample per window;
-- the comparison of every metric with its own history (tasks/regression.py), and the
+- the comparison of every metric with its own history (tasks/nightly/regression.py), and the
   report (a markdown artifact) and `dspyflow.benchmark.regression` events.
 
 flows/nightly.py composes these; it starts the load tests itself (they are flows).
@@ -30,7 +30,8 @@ from prefect.cache_policies import NONE
 from pydantic import BaseModel, Field
 
 from storage.repository import Repository
-from tasks.regression import (
+from tasks.cycle.spec import BudgetPreset
+from tasks.nightly.regression import (
     Measurement,
     MetricVerdict,
     RegressionReport,
@@ -102,8 +103,9 @@ class NightlyEnvironment(BaseModel):
 def nightly_environment(session_id: str, device: str = "auto") -> NightlyEnvironment:
     """The hardware/software fingerprint of this run (commit excluded: that is what a
     regression is about), computed as the GPU benchmark computes its own."""
-    from gpu.benchmark import environment, fingerprint
+    from gpu.benchmark import environment
     from gpu.device import device_info, resolve_device
+    from storage.environment import fingerprint
 
     dev = resolve_device(device, fallback=True)
     env = environment(device_info(dev))
@@ -124,7 +126,7 @@ class CycleBenchmark(BaseModel):
     lm: Literal["sim", "local"] = "sim"
     task: str = "intent"
     optimizer: str = "mipro"
-    budget: Literal["light", "medium", "heavy"] = "light"
+    budget: BudgetPreset = BudgetPreset.light
     repeats: int = Field(3, ge=1, le=100)
     max_train: int = Field(20, gt=0)
     max_val: int = Field(20, gt=0)
@@ -142,8 +144,8 @@ def cycle_benchmark_rows(
     """`repeats` cycles (seeds 0..n-1, the same every night), each recorded as a run of
     batch `env.session_id`; wall time, LM calls per second and score per cycle."""
     from storage.models import RunState
-    from tasks.cycle import execute_cycle
-    from tasks.spec import CycleSpec, LMSpec
+    from tasks.cycle.spec import CycleSpec, LMSpec
+    from tasks.cycle.steps import run_cycle
 
     walls: list[float] = []
     rates: list[float] = []
@@ -162,17 +164,9 @@ def cycle_benchmark_rows(
             max_test=bench.max_test,
         )
         # Pre-created as part of the nightly "batch", so `runs list` can tell them apart.
-        run_id = repo.create_run(
-            task=spec.task,
-            optimizer=spec.optimizer,
-            budget=spec.budget,
-            lm=spec.lm.model,
-            spec=spec.model_dump(mode="json"),
-            batch_id=env.session_id,
-            simulated=spec.lm.provider == "sim",
-        )
+        run_id = repo.create_run(batch_id=env.session_id, **spec.run_fields())
         started = time.perf_counter()
-        summary = execute_cycle(spec, repo, run_id=run_id)
+        summary = run_cycle(spec, repo, run_id=run_id)
         wall = time.perf_counter() - started
         if summary.state != RunState.succeeded.value:
             raise RuntimeError(
@@ -270,8 +264,8 @@ def load_tier_rows(
     env: NightlyEnvironment, tier: str, run_id: str, repo: Repository
 ) -> list[BenchmarkRow]:
     """A tier's steady-state figures (merged histograms), with one sample per window."""
-    from tasks.load.report import series
     from tasks.load.store import load_summary, windows_from_rows
+    from tasks.reports.load import series
 
     run = repo.get_load_test(run_id)
     summary = load_summary(run)

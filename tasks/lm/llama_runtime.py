@@ -83,7 +83,7 @@ def use_extra_bufts(model_path: Path, *, probe: Probe | None = None) -> bool:
 
 def run_probe(model_path: Path, extra_bufts: bool) -> ProbeOutcome:
     """One short chat completion in a child process; how it ended."""
-    cmd = [sys.executable, "-m", "tasks.llama_runtime", str(model_path)]
+    cmd = [sys.executable, "-m", "tasks.lm.llama_runtime", str(model_path)]
     cmd.append("on" if extra_bufts else "off")
     env = {**os.environ, "PYTHONPATH": _project_root_on_path()}
     try:
@@ -129,7 +129,7 @@ def model_params_override(**fields: Any) -> Iterator[None]:
 
     original = bindings.llama_model_default_params
 
-    def patched():  # type: ignore[no-untyped-def]
+    def patched():
         params = original()
         for name, value in fields.items():
             setattr(params, name, value)
@@ -159,7 +159,7 @@ def server_command(model_path: Path, *, alias: str, port: int, threads: int) -> 
     found they crash). Needs llama-cpp-python's `[server]` extra."""
     launch = (
         "import runpy, sys\n"
-        "from tasks.llama_runtime import model_params_override\n"
+        "from tasks.lm.llama_runtime import model_params_override\n"
         "sys.argv = ['llama_cpp.server', *sys.argv[1:]]\n"
         f"with model_params_override(use_extra_bufts={use_extra_bufts(model_path)}):\n"
         "    runpy.run_module('llama_cpp.server', run_name='__main__')\n"

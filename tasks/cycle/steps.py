@@ -1,4 +1,4 @@
-"""One optimization cycle: its steps as plain functions, and `execute_cycle`, the one
+"""One optimization cycle: its steps as plain functions, and `run_cycle`, the one
 sequence that runs them (directly, as Prefect tasks, or timed).
 
 prepare -> baseline -> optimize -> evaluate -> record. `prepare` validates everything
@@ -19,38 +19,35 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import dspy
-from prefect import task
-from prefect.cache_policies import NONE
-from prefect.tasks import exponential_backoff
-from pydantic import BaseModel
 from sqlalchemy.exc import IntegrityError
 
 from storage.db import StorageSettings
 from storage.models import RunState
 from storage.repository import Repository, RunClaimError, new_id
-from tasks.budget import (
+from tasks.cycle.budget import (
     CycleControl,
     CycleGuard,
     CycleStopped,
     StopReason,
-    check_budgets,
     control_for,
     release_control,
 )
-from tasks.cycle_timer import CycleMonitor, CycleTimer, PrefectHooks
-from tasks.lm import CycleLM, RateLimiter, build_lm
-from tasks.lm_journal import LMJournal
+from tasks.cycle.data import load_cycle_data
+from tasks.cycle.evaluation import EvaluationCancelled, evaluate_program
+from tasks.cycle.outcome import OutcomeSpooledError, RunOutcome, record_outcome
+from tasks.cycle.spec import CycleSpec
+from tasks.cycle.summary import CycleSummary, summarize
+from tasks.cycle.timer import CycleMonitor, CycleTimer, PrefectHooks
+from tasks.lm.journal import LMJournal
+from tasks.lm.providers import CycleLM, build_lm
+from tasks.lm.rate_limit import RateLimiter
 from tasks.optimizers import CompileRequest, OptimizeResult, get_optimizer
-from tasks.outcome import OutcomeSpooledError, RunOutcome, record_outcome
-from tasks.programs import TaskDefinition, get_task
-from tasks.programs.dataset import Splits, load_user_task
-from tasks.spec import CycleSpec
+from tasks.programs import TaskDefinition
+from tasks.programs.dataset import Splits
 
 logger = logging.getLogger("dspyflow.cycle")
 
 CycleStep = Literal["prepare", "baseline", "optimize", "evaluate", "record"]
-
-os.environ.setdefault("TQDM_DISABLE", "1")
 
 
 @dataclass
@@ -78,33 +75,8 @@ class CycleContext:
         return self.lm.usage.snapshot()
 
 
-def resolve_task(spec: CycleSpec) -> TaskDefinition:
-    if spec.program is not None:
-        assert spec.metric is not None and spec.dataset is not None  # checked by CycleSpec
-        return load_user_task(spec.program, spec.metric, spec.dataset)
-    return get_task(spec.task)
-
-
-def _cap(examples: list[dspy.Example], limit: int | None) -> list[dspy.Example]:
-    return examples if limit is None else examples[:limit]
-
-
-def load_cycle_data(spec: CycleSpec) -> tuple[TaskDefinition, Splits]:
-    """Task and capped splits, with the budgets checked against them: every input error
-    surfaces here, before a run row is written or Prefect starts."""
-    task_def = resolve_task(spec)
-    splits = task_def.load_splits()
-    splits = Splits(
-        train=_cap(splits.train, spec.max_train),
-        val=_cap(splits.val, spec.max_val),
-        test=_cap(splits.test, spec.max_test),
-    )
-    check_budgets(spec, len(splits.val) or len(splits.train))
-    return task_def, splits
-
-
 RESUMABLE_OPTIMIZERS = ("gepa", "genetic")  # keep their own state in optimizer_state_dir
-# Resume by replaying the run's LM answers (tasks.lm_journal): deterministic given them.
+# Resume by replaying the run's LM answers (tasks.lm.journal): deterministic given them.
 JOURNALED_OPTIMIZERS = ("mipro",)
 
 
@@ -143,16 +115,7 @@ def prepare_cycle(
     if earlier is None:
         # Another worker may create it first: the claim below decides who runs it.
         with contextlib.suppress(IntegrityError):
-            repo.create_run(
-                run_id=run_id,
-                task=task_def.name,
-                optimizer=spec.optimizer,
-                budget=spec.budget,
-                lm=spec.lm.model,
-                spec=spec.model_dump(mode="json"),
-                priority=spec.priority,
-                simulated=spec.lm.provider == "sim",
-            )
+            repo.create_run(run_id=run_id, **spec.run_fields())
     lease = repo.start_run(run_id, flow_run_id=flow_run_id, worker=worker_name())
     if lease is None:
         # Someone else holds it (or it ended): this worker must write nothing to it.
@@ -214,74 +177,8 @@ def _carry_usage(cycle_lm: CycleLM, earlier: Any) -> None:
 
 
 def worker_name() -> str:
-    """`host:pid`: recovery reads it to tell a dead local worker (tasks.recovery)."""
+    """`host:pid`: recovery reads it to tell a dead local worker (tasks.cycle.recovery)."""
     return f"{socket.gethostname()}:{os.getpid()}"
-
-
-class EvaluationCancelled(Exception):  # noqa: N818 - an outcome, like CycleStopped
-    """A cancel (Ctrl-C, SIGTERM, Prefect, `runs cancel`) that arrived during the baseline
-    or the final test evaluation: the evaluation stops at its next example and the run
-    ends `cancelled` (with the optimized program, if there is one)."""
-
-
-def evaluate_program(
-    ctx: CycleContext,
-    program: dspy.Module,
-    examples: list[dspy.Example],
-    *,
-    cancellable: str | None = None,
-) -> float:
-    """Mean metric over ``examples`` in [0, 1], on the cycle's LM. With `cancellable` (the
-    evaluation's name), a cancel request stops it: no further example is run, and
-    `EvaluationCancelled` says so."""
-    if not examples:
-        raise ValueError(f"task {ctx.task.name!r} has no examples to evaluate on")
-    errors: list[Exception] = []
-    control = ctx.guard.control
-    skipped: dict[int, dspy.Prediction] = {}  # examples not run after the cancel, by id
-
-    def run(**inputs: Any) -> Any:
-        if cancellable and control.cancelled:
-            placeholder = dspy.Prediction()  # scored 0 by `metric`; the score is dropped
-            skipped[id(placeholder)] = placeholder
-            return placeholder
-        try:
-            return program(**inputs)
-        except Exception as exc:
-            errors.append(exc)
-            raise
-
-    def metric(*args: Any, **kwargs: Any) -> Any:
-        if len(args) > 1 and id(args[1]) in skipped:
-            return 0.0
-        try:
-            return ctx.task.metric(*args, **kwargs)
-        except Exception as exc:  # a failing metric, too, is named instead of "cancelled"
-            errors.append(exc)
-            raise
-
-    with ctx.lm.context():
-        evaluator = dspy.Evaluate(
-            devset=examples,
-            metric=metric,
-            num_threads=ctx.spec.num_threads,
-            display_progress=False,
-            provide_traceback=False,
-            max_errors=len(examples),
-        )
-        try:
-            result = evaluator(run)
-        except Exception as exc:
-            # DSPy says only "Execution cancelled due to errors"; the run should say why.
-            if errors:
-                raise errors[0] from exc
-            raise
-    if skipped:
-        raise EvaluationCancelled(
-            f"{control.reason or 'cancelled'} during the {cancellable} "
-            f"({len(skipped)} of {len(examples)} examples not run)"
-        )
-    return float(result.score) / 100.0
 
 
 def run_baseline(ctx: CycleContext) -> float:
@@ -309,7 +206,7 @@ def select_demo_pool(spec: CycleSpec, task: TaskDefinition, splits: Splits) -> l
     k = spec.demo_pool_size
     if spec.demo_selection == "none" or len(splits.train) <= k:
         return splits.train
-    from tasks.demo_selection import DemoSelector
+    from tasks.optimizers.demo_selection import DemoSelector
 
     selector = DemoSelector(splits.train, task.input_fields)
     if spec.demo_selection == "diverse":
@@ -543,54 +440,8 @@ def record_failure(
         release_control(run_id)
 
 
-class CycleSummary(BaseModel):
-    """What a finished cycle returns to its caller (CLI, flow, batch)."""
-
-    run_id: str
-    state: str
-    task: str
-    optimizer: str
-    lm: str
-    baseline_score: float | None
-    best_score: float | None
-    duration_s: float | None
-    lm_calls: int
-    simulated: bool
-    error: str | None = None  # why it failed, or why it stopped early
-    iterations: int = 0
-    input_tokens: int = 0
-    output_tokens: int = 0
-    cost_usd: float | None = None
-
-
-def summarize(repo: Repository, run_id: str) -> CycleSummary:
-    run = repo.get_run(run_id)
-    duration = (
-        (run.finished_at - run.started_at).total_seconds()
-        if run.finished_at and run.started_at
-        else None
-    )
-    return CycleSummary(
-        run_id=run.id,
-        state=run.state,
-        task=run.task,
-        optimizer=run.optimizer,
-        lm=run.lm,
-        baseline_score=run.baseline_score,
-        best_score=run.best_score,
-        duration_s=duration,
-        lm_calls=run.lm_calls,
-        simulated=run.simulated,
-        error=run.error,
-        iterations=run.iterations,
-        input_tokens=run.input_tokens,
-        output_tokens=run.output_tokens,
-        cost_usd=run.cost_usd,
-    )
-
-
 class StepRunner(Protocol):
-    """How `execute_cycle` calls each step: directly (a batch's job), as a Prefect task
+    """How `run_cycle` calls each step: directly (a batch's job), as a Prefect task
     (the single-run flow), or timed (benchmarks). Receives the step's name, its function
     and the arguments; returns what the function returns."""
 
@@ -624,7 +475,7 @@ class TimedSteps:
         return out
 
 
-def execute_cycle(
+def run_cycle(
     spec: CycleSpec,
     repo: Repository,
     *,
@@ -644,7 +495,7 @@ def execute_cycle(
     when there is one: errors are recorded on the run, then returned as its summary (or
     re-raised with `reraise`). Ctrl-C and other BaseExceptions (SystemExit, Prefect's
     TerminationSignal) are recorded, then always re-raised. `control` (or
-    `tasks.budget.cancel_run(run_id)`) cancels it from another thread."""
+    `tasks.cycle.budget.cancel_run(run_id)`) cancels it from another thread."""
     ctx: CycleContext | None = None
     result: OptimizeResult | None = None
     try:
@@ -674,54 +525,3 @@ def execute_cycle(
             raise  # (spooled: the database is down, so no summary can be read back)
         return summarize(repo, failed_run)
     return summarize(repo, ctx.run_id)
-
-
-# --- Prefect tasks: the same step functions, as task runs of the single-run flow --------
-
-
-def _transient_lm_error(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry `optimize` only when a transient LM error (429/5xx/timeout) escaped."""
-    from tasks.lm import is_transient_lm_error
-
-    try:
-        state.result()
-    except Exception as exc:  # noqa: BLE001 - classification of whatever the task raised
-        # Also the raw lm15 429/5xx an engine raises, which DSPy's own check misses.
-        return is_transient_lm_error(exc)
-    return False
-
-
-_TASK_OPTIONS: dict[str, Any] = {"cache_policy": NONE, "persist_result": False}
-
-_PREFECT_STEPS: dict[str, Any] = {
-    "prepare": task(prepare_cycle, name="prepare", **_TASK_OPTIONS),
-    "baseline": task(run_baseline, name="baseline", **_TASK_OPTIONS),
-    # The budget is enforced inside the optimizer (and re-armed on each retry).
-    "optimize": task(
-        run_optimizer,
-        name="optimize",
-        retries=2,
-        retry_delay_seconds=exponential_backoff(backoff_factor=2),
-        retry_jitter_factor=0.5,
-        retry_condition_fn=_transient_lm_error,
-        **_TASK_OPTIONS,
-    ),
-    "evaluate": task(evaluate_final, name="evaluate", **_TASK_OPTIONS),
-    "record": task(record_success, name="record", **_TASK_OPTIONS),
-}
-
-
-def prefect_steps(spec: CycleSpec) -> StepRunner:
-    """Each step as a Prefect task run (retries and the UI's task graph); `optimize` gets
-    a Prefect timeout past the time budget, an outer guard should the inner one fail."""
-    tasks = {
-        **_PREFECT_STEPS,
-        "optimize": _PREFECT_STEPS["optimize"].with_options(
-            timeout_seconds=spec.time_budget_s * 1.25 + 60
-        ),
-    }
-
-    def run_step(name: CycleStep, step: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        return tasks[name](*args, **kwargs)
-
-    return run_step

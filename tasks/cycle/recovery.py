@@ -13,16 +13,16 @@ Two ways to know a worker is gone:
 
 A run marked stale under a worker that is in fact alive (a stale_after_s too short) is not
 lost: its next heartbeat finds its lease gone, it stops spending LM calls and keeps its
-best program on the stale row (tasks.cycle.record_success).
+best program on the stale row (tasks.cycle.steps.record_success).
 
 With `requeue` every stale run goes back to `queued` (attempt + 1) for a job queue to run
 again; `resume_runs` (`dspyflow runs recover --resume`) runs them here. A re-run GEPA
 cycle resumes from `$DSPYFLOW_HOME/gepa/<run_id>`, a genetic one from its last generation's
 checkpoint in `$DSPYFLOW_HOME/genetic/<run_id>`, a MIPROv2 one by replaying the LM answers
-journaled in `$DSPYFLOW_HOME/mipro/<run_id>` (tasks.lm_journal; local and sim LMs).
+journaled in `$DSPYFLOW_HOME/mipro/<run_id>` (tasks.lm.journal; local and sim LMs).
 
 `dspyflow runs recover` calls `recover_stale_runs`; so does a batch flow at its start. Both
-first write outcomes spooled while the database was down (tasks.outcome).
+first write outcomes spooled while the database was down (tasks.cycle.outcome).
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ from pydantic import BaseModel, Field
 
 from storage.models import RunState
 from storage.repository import Repository
-from tasks.cycle_timer import HEARTBEAT_INTERVAL_S
-from tasks.outcome import deliver_spooled_outcomes
+from tasks.cycle.outcome import deliver_spooled_outcomes
+from tasks.cycle.timer import HEARTBEAT_INTERVAL_S
 
 logger = logging.getLogger("dspyflow.recovery")
 
@@ -140,9 +140,9 @@ def resume_runs(repo: Repository, run_ids: list[str]) -> dict[str, str]:
     """Run re-queued runs again in this process, one after another, each under its own id
     and spec: GEPA and the genetic optimizer continue from their saved state, MIPROv2
     replays its journaled LM answers; earlier attempts' LM usage and baseline carry over
-    (tasks.cycle.prepare_cycle). Returns each run's terminal state."""
-    from tasks.cycle import execute_cycle, record_failure
-    from tasks.spec import CycleSpec
+    (tasks.cycle.steps.prepare_cycle). Returns each run's terminal state."""
+    from tasks.cycle.spec import CycleSpec
+    from tasks.cycle.steps import record_failure, run_cycle
 
     states: dict[str, str] = {}
     for run_id in run_ids:
@@ -156,7 +156,7 @@ def resume_runs(repo: Repository, run_ids: list[str]) -> dict[str, str]:
             states[run_id] = repo.get_run(run_id).state
             continue
         logger.warning("resuming run %s (attempt %d)", run_id, run.attempt)
-        states[run_id] = execute_cycle(spec, repo, run_id=run_id).state
+        states[run_id] = run_cycle(spec, repo, run_id=run_id).state
     return states
 
 

@@ -31,8 +31,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+from uuid import UUID
 
-from tasks.budget import CycleGuard, StopReason
+from tasks.cycle.budget import CycleGuard, StopReason
 from tasks.optimizers.base import IterationEvent
 
 if TYPE_CHECKING:
@@ -65,6 +66,7 @@ class TimerStats:
     approaching_limit: bool
     exceeded: bool
     best_score: float | None
+    score: float | None = None  # the latest iteration's candidate
 
     @property
     def expected_finish_s(self) -> float:
@@ -97,6 +99,7 @@ class CycleTimer:
         self.total_iterations: int | None = None
         self.progress: float | None = None
         self.best_score: float | None = None
+        self.score: float | None = None
         # The first iteration's (time, iterations, progress): the pace is measured from
         # here, so setup (bootstrapping, proposals) does not skew the ETA.
         self._first: tuple[float, int, float | None] | None = None
@@ -118,6 +121,7 @@ class CycleTimer:
         *,
         progress: float | None = None,
         best_score: float | None = None,
+        score: float | None = None,
     ) -> None:
         with self._lock:
             if self.started_at is None:
@@ -131,12 +135,17 @@ class CycleTimer:
                 self.progress = max(0.0, min(1.0, progress))
             if best_score is not None:
                 self.best_score = best_score
+            self.score = score
             if self._first is None:
                 self._first = (self._clock(), self.iterations, self.progress)
 
     def record(self, event: IterationEvent) -> None:
         self.update(
-            event.iteration, event.total, progress=event.progress, best_score=event.best_score
+            event.iteration,
+            event.total,
+            progress=event.progress,
+            best_score=event.best_score,
+            score=event.score,
         )
 
     def elapsed(self) -> float:
@@ -193,6 +202,7 @@ class CycleTimer:
                 approaching_limit=fraction >= self.warning_at,
                 exceeded=fraction >= 1.0,
                 best_score=self.best_score,
+                score=self.score,
             )
 
 
@@ -309,7 +319,7 @@ class PrefectHooks:
             from prefect.client.orchestration import get_client
 
             with get_client(sync_client=True) as client:
-                state = client.read_flow_run(self.flow_run_id).state
+                state = client.read_flow_run(UUID(self.flow_run_id)).state
             cancelled = state is not None and (state.is_cancelling() or state.is_cancelled())
         except Exception as exc:  # noqa: BLE001 - an unreachable API must not stop a cycle
             logger.debug("flow run state unavailable: %s", exc)
@@ -433,7 +443,12 @@ class CycleMonitor:
                 self.guard.poll()
 
     def _heartbeat(self, **fields: Any) -> None:
-        if self.repo.heartbeat(self.run_id, self.lease, **fields) or self.lease_lost:
+        beat = self.repo.heartbeat(self.run_id, self.lease, **fields)
+        if beat.cancel_request and not self.guard.control.cancelled:
+            logger.warning("run %s: %s; stopping", self.run_id[:12], beat.cancel_request)
+            self.guard.control.cancel(beat.cancel_request)
+            self.guard.poll()
+        if beat or self.lease_lost:
             return
         # Marked stale (or re-claimed) under a live worker: every further LM call would be
         # spent on a result nobody can record. The guard stops the optimizer at its next
@@ -460,6 +475,7 @@ class CycleMonitor:
             throughput=stats.throughput,
             eta_s=stats.eta_s,
             best_score=stats.best_score,
+            score=stats.score,
             lm_calls=usage.get("lm_calls"),
         )
         self.samples_written += 1
@@ -519,7 +535,10 @@ class CycleMonitor:
         total = f"/{stats.total_iterations}" if stats.total_iterations else ""
         best = f", best {stats.best_score:.3f}" if stats.best_score is not None else ""
         eta = f", ETA {stats.expected_finish_s:.0f} s" if stats.iterations else ""
+        # The run's page (its history, budget, usage and changes): Prefect hosts no files,
+        # so the artifact names the command that writes it.
+        page = f"`dspyflow report --run {self.run_id[:12]} --out run.html`"
         return (
             f"{self.label} iteration {stats.iterations}{total}{best}; "
-            f"{stats.elapsed_s:.0f}/{stats.target_s:.0f} s{eta}"
+            f"{stats.elapsed_s:.0f}/{stats.target_s:.0f} s{eta}; page: {page}"
         ).strip()

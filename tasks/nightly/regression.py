@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any, Literal
@@ -344,7 +344,7 @@ def _num(x: float | None) -> str:
 
 def detect_regressions(
     current: Iterable[Measurement],
-    history: dict[str, Sequence[Measurement]],
+    history: Mapping[str, Sequence[Measurement]],
     settings: RegressionSettings | None = None,
 ) -> RegressionReport:
     """Verdicts for every current measurement against ``history[metric]``."""

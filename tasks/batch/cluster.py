@@ -11,7 +11,7 @@ database itself, so three things must hold before the first row is written:
   workers cannot report to it, and issue 12's 200-job batch lost 94 jobs that way);
 - the LM rate limit is one that crosses processes (a Prefect rate limit), never an
   in-process bucket that each worker process would get a copy of
-  (`tasks.batch.BatchOptions` refuses that on its own).
+  (`tasks.batch.run.BatchOptions` refuses that on its own).
 
 `check_cluster_setup` checks all of it in this order, cheapest first, and raises
 `ClusterSetupError` with one line: what is wrong, then the fix. It asks the workers
@@ -36,7 +36,7 @@ from pydantic import BaseModel
 
 if TYPE_CHECKING:
     from storage.repository import Repository
-    from tasks.batch import BatchOptions
+    from tasks.batch.models import BatchOptions
 
 logger = logging.getLogger("dspyflow.cluster")
 
@@ -96,7 +96,7 @@ def probe_worker(api_url: str, database_url: str) -> str | None:
     report to is this process's `PREFECT_API_URL`, whatever their own environment says."""
     problems: list[str] = []
     try:
-        import tasks.batch  # noqa: F401 - dspyflow and its dependencies import here
+        import tasks.batch.run  # noqa: F401 - dspyflow and its dependencies import here
     except Exception as exc:  # noqa: BLE001 - reported to the submitter
         problems.append(f"cannot import dspyflow ({type(exc).__name__}: {exc})")
     why = api_health(api_url)
@@ -217,8 +217,8 @@ def _holder_gone(repo: Repository, run_id: str, worker: str, wait_s: float) -> s
     from sqlalchemy import func, select
 
     from storage.models import RunState
-    from tasks.cycle_timer import HEARTBEAT_INTERVAL_S
-    from tasks.recovery import local_worker_gone
+    from tasks.cycle.recovery import local_worker_gone
+    from tasks.cycle.timer import HEARTBEAT_INTERVAL_S
 
     host, _, pid_text = worker.rpartition(":")
     if host == socket.gethostname() and pid_text.isdigit():
@@ -244,7 +244,7 @@ def _holder_gone(repo: Repository, run_id: str, worker: str, wait_s: float) -> s
         time.sleep(min(HEARTBEAT_INTERVAL_S, max(0.1, deadline - time.monotonic())))
 
 
-def _naive(value):  # type: ignore[no-untyped-def]
+def _naive(value):
     from datetime import UTC
 
     return value.astimezone(UTC).replace(tzinfo=None) if value.tzinfo else value
@@ -256,7 +256,7 @@ def reclaim_orphaned_run(repo: Repository, run_id: str, me: str) -> bool:
     and re-queue it, so this execution claims it. True if it was reclaimed."""
     from storage.models import RunState
     from storage.repository import RunNotFoundError
-    from tasks.cycle_timer import HEARTBEAT_INTERVAL_S
+    from tasks.cycle.timer import HEARTBEAT_INTERVAL_S
 
     try:
         run = repo.get_run(run_id)

@@ -62,12 +62,16 @@ class LMJournal:
     def replay(self, request: dspy.lm15.Request) -> Response | None:
         """The recorded answer to this request, once per time it was answered; None when
         the journal has no more (the call goes to the LM)."""
+        if not self._pending:
+            return None  # a fresh run, or every answer replayed: no hash to compute
         key = request_key(request)
         with self._lock:
             queue = self._pending.get(key)
             if not queue:
                 return None
             entry = queue.popleft()
+            if not queue:
+                del self._pending[key]
             self.replayed += 1
         # No usage: DSPy counts a call only when the response reports tokens.
         return Response(

@@ -26,7 +26,7 @@ from typing import Any
 
 from dspy.utils.callback import BaseCallback
 
-from tasks.spec import CycleSpec, LMSpec
+from tasks.cycle.spec import CycleSpec, LMSpec
 
 # Seconds per LM call when nothing better is known: SmolLM2-135M through llama.cpp on 2
 # cores measured ~0.14 s for a short classification prompt; a hosted API ~0.5 s.

@@ -24,7 +24,7 @@ def guard_tqdm_registry() -> None:
             return
         import tqdm
 
-        class _Registry(weakref.WeakSet):  # type: ignore[type-arg]
+        class _Registry(weakref.WeakSet):
             def clear(self) -> None:
                 with tqdm.tqdm.get_lock():
                     super().clear()
@@ -33,5 +33,5 @@ def guard_tqdm_registry() -> None:
                 self.discard(item)  # already cleared away by another thread: fine
 
         with tqdm.tqdm.get_lock():
-            tqdm.tqdm._instances = _Registry(tqdm.tqdm._instances)  # type: ignore[attr-defined]
+            tqdm.tqdm._instances = _Registry(tqdm.tqdm._instances)
         _installed = True

@@ -4,12 +4,12 @@ callers. Bad input fails here, naming the field, before anything is written."""
 from __future__ import annotations
 
 import os
+from enum import StrEnum
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-Budget = Literal["light", "medium", "heavy"]
 StructuredOutput = Literal["auto", "json_schema", "json_object", "off"]
 
 # Optimizers behind the one interface in tasks/optimizers (names only: no dspy import here).
@@ -17,7 +17,15 @@ StructuredOutput = Literal["auto", "json_schema", "json_object", "off"]
 KNOWN_OPTIMIZERS = ("mipro", "gepa", "genetic", "capacity")
 DEFAULT_TIME_BUDGET_S = 7200.0
 DEFAULT_WARNING_AT = 0.8
-BUDGET_PRESETS = ("light", "medium", "heavy")
+
+
+class BudgetPreset(StrEnum):
+    """How much search an optimizer does; each optimizer maps it to its own settings.
+    The one list of presets: specs, the CLI's choices, the nightly suite, the optimizers."""
+
+    light = "light"
+    medium = "medium"
+    heavy = "heavy"
 
 
 class LMSpec(BaseModel):
@@ -36,8 +44,8 @@ class LMSpec(BaseModel):
     api_key_env: str | None = Field(
         None, description="Name of the environment variable that holds the API key."
     )
-    temperature: float = Field(0.0, ge=0.0, le=2.0)
-    max_tokens: int = Field(512, gt=0)
+    temperature: float = Field(0.0, ge=0.0, le=2.0, description="Sampling temperature.")
+    max_tokens: int = Field(512, gt=0, description="Most output tokens per LM call.")
     num_retries: int = Field(4, ge=0, description="Retries of transient LM errors.")
     cache: bool = Field(False, description="DSPy's response cache (remote LMs only).")
     structured_output: StructuredOutput = Field(
@@ -48,24 +56,41 @@ class LMSpec(BaseModel):
         "`auto` (`json_schema` with `api_base` or a model LiteLLM knows supports it, else "
         "DSPy's default).",
     )
-    price_per_1k_input_usd: float | None = Field(None, ge=0)
-    price_per_1k_output_usd: float | None = Field(None, ge=0)
-    seed: int = 0
+    price_per_1k_input_usd: float | None = Field(
+        None, ge=0, description="USD per 1000 prompt tokens (cost figures and `cost_budget_usd`)."
+    )
+    price_per_1k_output_usd: float | None = Field(
+        None, ge=0, description="USD per 1000 output tokens."
+    )
+    seed: int = Field(0, description="The LM's sampling seed (the local and simulated LMs).")
     # The simulated provider: latency, faults, and accuracy that depends on the prompt.
     sim_latency_ms: float = Field(0.0, ge=0.0, description="Median latency (log-normal).")
-    sim_latency_sigma: float = Field(0.5, ge=0.0)
+    sim_latency_sigma: float = Field(
+        0.5, ge=0.0, description="Spread of the simulated latency (log-normal sigma)."
+    )
     sim_error_rate: float = Field(0.0, ge=0.0, le=1.0, description="Transient 429/503 rate.")
-    sim_permanent_error_rate: float = Field(0.0, ge=0.0, le=1.0)
-    sim_base_accuracy: float = Field(0.3, ge=0.0, le=1.0)
+    sim_permanent_error_rate: float = Field(
+        0.0, ge=0.0, le=1.0, description="Rate of simulated errors that no retry cures."
+    )
+    sim_base_accuracy: float = Field(
+        0.3, ge=0.0, le=1.0, description="Simulated accuracy of the unoptimized program."
+    )
     sim_demo_bonus: float = Field(
         0.15,
         ge=0.0,
         le=1.0,
         description="Added per demo that shows this input's gold answer (or a like input); "
-        "demos that show neither add nothing (tasks.lm.SimulatedEngine).",
+        "demos that show neither add nothing (tasks.lm.sim.SimulatedEngine).",
     )
-    sim_instruction_bonus: float = Field(0.3, ge=0.0, le=1.0)
-    sim_max_accuracy: float = Field(0.95, ge=0.0, le=1.0)
+    sim_instruction_bonus: float = Field(
+        0.3,
+        ge=0.0,
+        le=1.0,
+        description="Most an instruction adds (a hash of its text stands in for quality).",
+    )
+    sim_max_accuracy: float = Field(
+        0.95, ge=0.0, le=1.0, description="Ceiling of the simulated accuracy."
+    )
 
     @field_validator("model")
     @classmethod
@@ -109,8 +134,10 @@ class CycleSpec(BaseModel):
     metric: str | None = Field(None, description="Your own metric: `module:function`.")
     dataset: Path | None = Field(None, description="Your own data: a JSONL file.")
     optimizer: str = Field("mipro", description="mipro, gepa or genetic.")
-    budget: Budget = "light"
-    lm: LMSpec = Field(default_factory=LMSpec)
+    budget: BudgetPreset = Field(
+        BudgetPreset.light, description="How much search the optimizer does: light, medium, heavy."
+    )
+    lm: LMSpec = Field(default_factory=LMSpec, description="The LM the program runs on.")
     # allow_inf_nan=False: `inf` passes gt=0 and then breaks the budget arithmetic later.
     time_budget_s: float = Field(
         DEFAULT_TIME_BUDGET_S,
@@ -138,11 +165,11 @@ class CycleSpec(BaseModel):
         "optimizer's rewrites). Default: the task LM.",
     )
     priority: int = Field(0, description="Higher runs first in a batch.")
-    seed: int = 0
+    seed: int = Field(0, description="Seed of the data splits and the optimizer.")
     num_threads: int = Field(1, ge=1, le=256, description="DSPy evaluation threads.")
     max_train: int | None = Field(None, gt=0, description="Use at most this many train examples.")
-    max_val: int | None = Field(None, gt=0)
-    max_test: int | None = Field(None, gt=0)
+    max_val: int | None = Field(None, gt=0, description="Cap on validation examples.")
+    max_test: int | None = Field(None, gt=0, description="Cap on test examples.")
     demo_selection: Literal["none", "diverse", "nearest"] = Field(
         "none",
         description="Embedding-based demo pool for the optimizer (all-MiniLM-L6-v2, cosine on "
@@ -161,8 +188,9 @@ class CycleSpec(BaseModel):
     @field_validator("budget", mode="before")
     @classmethod
     def _known_preset(cls, value: object) -> object:
-        if isinstance(value, str) and value not in BUDGET_PRESETS:
-            raise ValueError(f"unknown budget preset {value!r}; known: {', '.join(BUDGET_PRESETS)}")
+        known = [p.value for p in BudgetPreset]
+        if isinstance(value, str) and value not in known:
+            raise ValueError(f"unknown budget preset {value!r}; known: {', '.join(known)}")
         return value
 
     @model_validator(mode="after")
@@ -202,4 +230,17 @@ class CycleSpec(BaseModel):
     @classmethod
     def from_options(cls, *, lm: str = "local", **fields: object) -> CycleSpec:
         """Build from flat CLI options (`--lm sim`)."""
-        return cls(lm=LMSpec(model=lm), **fields)  # type: ignore[arg-type]
+        return cls(lm=LMSpec(model=lm), **fields)
+
+    def run_fields(self) -> dict[str, Any]:
+        """The run row's columns this spec decides (`Repository.create_run(s)`): the one
+        mapping from a spec to a row, for single runs, batches and the nightly suite."""
+        return {
+            "task": self.program or self.task,
+            "optimizer": self.optimizer,
+            "budget": self.budget,
+            "lm": self.lm.model,
+            "spec": self.model_dump(mode="json"),
+            "priority": self.priority,
+            "simulated": self.lm.provider == "sim",
+        }

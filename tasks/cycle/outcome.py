@@ -1,7 +1,7 @@
 """Writing a finished run's outcome: once, as its claimant, through a database outage.
 
 A cycle ends with one write: the terminal state, the program, scores and usage
-(`record_success` and `record_failure` in tasks.cycle). That write is a compare-and-set on
+(`record_success` and `record_failure` in tasks.cycle.steps). That write is a compare-and-set on
 the worker's lease (`Repository.finish_run`), or, when the run was marked stale under a
 live worker, `salvage_run` on the stale row. Anything else is logged loudly, never silent.
 

@@ -1,0 +1,3 @@
+"""The nightly benchmark suite and the regression test that compares each metric with
+its history.
+"""
