@@ -45,6 +45,7 @@ DEFAULT_TARGET_S = 7200.0
 DEFAULT_WARNING_AT = 0.8
 SAMPLE_INTERVAL_S = 1.0
 HEARTBEAT_INTERVAL_S = float(os.environ.get("DSPYFLOW_HEARTBEAT_S", "10"))
+MONITOR_TICK_S = 0.1  # how often the monitor thread looks for a due sample or heartbeat
 # A batch flow of many cycles sets this False: one summary artifact for the batch instead
 # of a progress artifact per cycle (2-3 API calls each: 2.5x slower batches on SQLite).
 PER_CYCLE_ARTIFACTS: contextvars.ContextVar[bool] = contextvars.ContextVar(
@@ -345,7 +346,7 @@ class CycleMonitor:
         prefect: PrefectHooks | None = None,
         sample_interval_s: float | None = None,
         heartbeat_interval_s: float | None = None,
-        tick_s: float = 0.1,
+        tick_s: float | None = None,
     ) -> None:
         self.run_id = run_id
         self.repo = repo
@@ -359,7 +360,7 @@ class CycleMonitor:
         # Read at construction (not import) so tests and deployments can tune them.
         self.sample_interval_s = sample_interval_s or SAMPLE_INTERVAL_S
         self.heartbeat_interval_s = heartbeat_interval_s or HEARTBEAT_INTERVAL_S
-        self.tick_s = tick_s
+        self.tick_s = tick_s or MONITOR_TICK_S
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()

@@ -40,7 +40,11 @@ def cycles(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
         "capped": sim_spec(optimizer="mipro", sim_latency_ms=0, seed=2, lm_call_budget=60),
         "genetic": sim_spec(optimizer="genetic", sim_latency_ms=0, seed=3),
     }
-    with quiet():
+    # Samples every few milliseconds, not every second: on CI's machine the capped run
+    # stopped 0.17 s in and left one sample, so the history had nothing to compare.
+    with pytest.MonkeyPatch.context() as patch, quiet():
+        patch.setattr("tasks.cycle.timer.SAMPLE_INTERVAL_S", 1e-9)
+        patch.setattr("tasks.cycle.timer.MONITOR_TICK_S", 0.002)
         runs = {name: run_cycle(spec, repo).run_id for name, spec in specs.items()}
     yield {"url": url, "runs": runs}
     dispose_engines()
