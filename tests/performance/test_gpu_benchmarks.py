@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -675,8 +676,6 @@ def test_warmup_effect_measurement() -> None:
         calls["n"] += 1
         if calls["n"] == 1:  # a one-off cost, as a CUDA context, cuBLAS handle or JIT build
             torch.ones(256, 256) @ torch.ones(256, 256)
-            import time
-
             time.sleep(0.05)
 
     timer = Timer(torch.device("cpu"))
@@ -692,15 +691,26 @@ def test_warmup_effect_measurement() -> None:
 
 def test_batch_operation_efficiency(one_thread: None) -> None:
     q, db = rand(16, 384), ops.normalize_rows(rand(5_000, 384, seed=6))
-    timer = Timer(torch.device("cpu"))
-    batched = timer.measure(lambda: ops.topk_cosine(q, db, 5, normalized=True), warmup=1, reps=3)
-    single = timer.measure(
-        lambda: [ops.topk_cosine(q[i : i + 1], db, 5, normalized=True) for i in range(16)],
-        warmup=1,
-        reps=3,
-    )
-    # One pass over the database instead of 16: at least 1.5x faster (usually ~5x).
-    assert batched.min_ms * 1.5 < single.min_ms, (batched.min_ms, single.min_ms)
+
+    def batched() -> None:
+        ops.topk_cosine(q, db, 5, normalized=True)
+
+    def one_by_one() -> None:
+        for i in range(16):
+            ops.topk_cosine(q[i : i + 1], db, 5, normalized=True)
+
+    # Interleaved rounds after a warm-up, min of each: a burst of load on a shared CI
+    # machine hits both arms alike (three back-to-back batched reps once all ran slow).
+    best = {batched: float("inf"), one_by_one: float("inf")}
+    for fn in best:
+        fn()
+    for _ in range(9):
+        for fn in best:
+            started = time.perf_counter()
+            fn()
+            best[fn] = min(best[fn], time.perf_counter() - started)
+    # One pass over the database instead of 16: at least 1.5x faster (2.6-3.6x here).
+    assert best[batched] * 1.5 < best[one_by_one], best
     b_vals, b_idx = ops.topk_cosine(q, db, 5, normalized=True)
     for i in (0, 7, 15):
         s_vals, s_idx = ops.topk_cosine(q[i : i + 1], db, 5, normalized=True)
