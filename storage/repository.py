@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, Engine, Result, Select, func, select, update
+from sqlalchemy import CursorResult, Engine, Result, Select, case, func, select, update
 from sqlalchemy.orm import Session, selectinload
 
 from storage.db import check_schema, connect_checked, get_engine, session_factory
@@ -171,9 +171,26 @@ class Repository:
         With `lease`: the worker that holds the run finishes it (running -> terminal).
         Without: an operator finishes a run nobody holds (queued or stale -> failed or
         cancelled; `storage.models.OPERATOR_TRANSITIONS`). False if the table or the
-        claim refuses it."""
+        claim refuses it.
+
+        A worker's `succeeded` honours a cancel request its heartbeats have not read yet:
+        the run ends `cancelled` with the request as its error (program and scores kept),
+        in the same statement, so `runs cancel` saying "cancel requested" always holds."""
         if not state.terminal:
             raise ValueError(f"{state.value} is not a terminal state")
+        if lease is not None and state is RunState.succeeded:
+            requested = OptimizationRun.cancel_request.is_not(None)
+            fields["error"] = case(
+                (requested, OptimizationRun.cancel_request), else_=fields.get("error")
+            )
+            return self._transition(
+                run_id,
+                state,
+                claim=lease,
+                finished=True,
+                state_value=case((requested, RunState.cancelled.value), else_=state.value),
+                **fields,
+            )
         return self._transition(run_id, state, claim=lease, finished=True, **fields)
 
     def _transition(
@@ -184,10 +201,12 @@ class Repository:
         claim: str | None,
         finished: bool = False,
         expect_worker: str | None = None,
+        state_value: Any = None,
         **fields: Any,
     ) -> bool:
         """One state change, allowed by the transition table for who makes it: the
-        claimant (`claim`, its lease) or an operator (None). Compare-and-set."""
+        claimant (`claim`, its lease) or an operator (None). Compare-and-set.
+        `state_value`: a SQL expression for the new state (`finish_run`'s cancel case)."""
         by_worker = claim is not None
         sources = [st.value for st in RunState if can_transition(st, new, worker=by_worker)]
         if not sources:
@@ -200,7 +219,10 @@ class Repository:
             stmt = stmt.where(OptimizationRun.lease == claim)
         if expect_worker is not None:
             stmt = stmt.where(OptimizationRun.worker == expect_worker)
-        values: dict[str, Any] = {"state": new.value, **fields}
+        values: dict[str, Any] = {
+            "state": new.value if state_value is None else state_value,
+            **fields,
+        }
         if finished:
             values.setdefault("finished_at", func.now())  # a spooled outcome brings its own
         with self._session() as s, s.begin():

@@ -202,7 +202,8 @@ def runs_cancel(
     """Cancel a run. A running one is asked through the database, so this reaches any
     worker (a `dspyflow optimize`, a batch, a Dask worker, a deployment): it stops at its
     next heartbeat (DSPYFLOW_HEARTBEAT_S, 10 s) and ends `cancelled` with its best program
-    so far. A queued or stale one (nobody holds it) is cancelled at once."""
+    so far (one that finishes first still ends `cancelled`, its result kept). A queued or
+    stale one (nobody holds it) is cancelled at once."""
     from storage.repository import CancelOutcome, Repository
 
     with user_errors():

@@ -173,6 +173,32 @@ def test_a_cancel_request_reaches_the_holder_with_its_next_heartbeat(repo: Repos
     assert not repo.request_cancel(run_id, "again")
 
 
+def test_a_cancel_request_the_holder_never_read_still_ends_the_run_cancelled(
+    repo: Repository,
+) -> None:
+    """The run finished before its next heartbeat read the request. Before: it ended
+    `succeeded` although `runs cancel` had said "cancel requested" (a CI run of
+    test_runs_cancel_of_one_batch_job_leaves_the_others_running). Now the request wins
+    in the recording statement itself, and the result is kept on the cancelled run."""
+    run_id = _queued(repo)
+    lease = repo.start_run(run_id, worker="host:1")
+    assert lease
+    assert repo.cancel(run_id, "not needed any more") is CancelOutcome.requested
+    assert repo.finish_run(
+        run_id, RunState.succeeded, lease=lease, error=None, best_score=0.75, val_score=0.5
+    )
+    run = repo.get_run(run_id)
+    assert (run.state, run.error, run.best_score) == ("cancelled", "not needed any more", 0.75)
+    assert run.finished_at is not None
+
+    plain = _queued(repo)
+    lease = repo.start_run(plain, worker="host:1")
+    assert lease and repo.finish_run(plain, RunState.succeeded, lease=lease, error=None)
+    assert (repo.get_run(plain).state, repo.get_run(plain).error) == ("succeeded", None)
+    assert repo.cancel(plain, "too late") is None  # ended: nothing to cancel, unchanged
+    assert repo.get_run(plain).state == "succeeded"
+
+
 def test_cancel_reaches_a_run_whoever_holds_it(repo: Repository) -> None:
     """`Repository.cancel` (`runs cancel`, a stopped batch): a running run is asked, a
     queued one is ended at once and its worker's later claim gets nothing, an ended one

@@ -310,7 +310,9 @@ def test_runs_cancel_of_one_batch_job_leaves_the_others_running(cli: Cli) -> Non
 
     wait_for(under_way, timeout=240, what="a batch with a cycle in flight and one queued")
     running = cli.repo.list_runs(state="running", limit=1)[0]
-    queued = cli.repo.list_runs(state="queued", limit=1)[0]
+    # The last job in line (job i has seed i; one priority): the first in line may be
+    # claimed while the cancel command starts.
+    queued = max(cli.repo.list_runs(state="queued", limit=None), key=lambda r: r.spec["seed"])
     for target in (running, queued):
         result = cli.run("runs", "cancel", target.id)
         assert result.returncode == 0, result.stdout + result.stderr
