@@ -32,10 +32,12 @@ def interleaved(
     *,
     warmup_rounds: int = 1,
     on_run: Callable[[str, int, float, Any], None] | None = None,
+    before_each: Callable[[], None] | None = None,
 ) -> dict[str, Samples]:
     """Run every arm `warmup_rounds + rounds` times in alternating order; keep the last
     `rounds`. `on_run(name, round_no, seconds, result)` sees every run (round_no < 0 for
-    warm-ups), so a long benchmark can print as it goes."""
+    warm-ups), so a long benchmark can print as it goes. `before_each()` runs untimed
+    before every run of every arm (the same start for each, e.g. a collected heap)."""
     if rounds < 1:
         raise ValueError("rounds must be >= 1")
     names = list(arms)
@@ -44,6 +46,8 @@ def interleaved(
         round_no = i - warmup_rounds
         # Warm-ups alternate too, so the last warm-up does not always favour one arm.
         for name in round_order(names, i):
+            if before_each is not None:
+                before_each()
             t0 = time.perf_counter()
             result = arms[name]()
             seconds = time.perf_counter() - t0

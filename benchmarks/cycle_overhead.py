@@ -2,12 +2,17 @@
 
 Bare: baseline evaluation, MIPROv2 compile and final evaluation in plain DSPy.
 dspyflow: the same spec through the `optimization_cycle` flow (Prefect task runs, the run
-row, heartbeats, the optimized program stored). Same LM, same seed, same data: the same
-LM calls. One warm-up round of each is discarded (imports, Optuna, caches: the first
-run of either pays them), then rounds run in alternating order (bare, flow; flow, bare;
-...). Figures: median with min-max and n of each, the ratio of the medians and the
-per-round ratios. Prefect's server start, which every CLI user pays once per process, is
-reported on its own.
+row, heartbeats, the LM journal, the optimized program stored). No-Prefect: the same
+`run_cycle` with its steps called directly (as a batch job runs them), which splits the
+overhead into dspyflow's own machinery and Prefect's. Same LM, same seed, same data: the
+same LM calls. One warm-up round of each is discarded (imports, Optuna, caches: the first
+run of any arm pays them), then rounds run in alternating order (A B C, C B A, ...).
+Every run starts from a collected, frozen heap (gc.freeze, as `dspyflow optimize` does
+after start-up): otherwise a 0.2-0.3 s full collection of the start-up heap lands in
+whichever arm crosses the threshold (`--no-freeze` shows it; GC seconds are reported per
+arm). Figures: median with min-max and n of each, the ratio of the medians, the per-round
+ratios and the fixed overhead in seconds. Prefect's server start, which every CLI user
+pays once per process, is reported on its own.
 
     python benchmarks/cycle_overhead.py --lm sim --sim-latency-ms 10 --repeats 4
     python benchmarks/cycle_overhead.py --lm sim --repeats 2 --profile /tmp/cycle.prof
@@ -93,6 +98,41 @@ def flow_cycle(spec) -> dict:  # type: ignore[no-untyped-def]
     }
 
 
+def no_prefect_cycle(spec) -> dict:  # type: ignore[no-untyped-def]
+    """dspyflow's cycle without Prefect: run row, monitor, journal, record."""
+    from storage.repository import Repository
+    from tasks.cycle.steps import run_cycle
+
+    summary = run_cycle(spec, Repository())
+    assert summary.state == "succeeded", summary.error
+    return {
+        "baseline": summary.baseline_score,
+        "best": summary.best_score,
+        "lm_calls": summary.lm_calls,
+        "run_id": summary.run_id,
+    }
+
+
+class GCClock:
+    """Seconds the cyclic GC spent (all generations) since `reset()`."""
+
+    def __init__(self) -> None:
+        import gc
+
+        self.seconds = 0.0
+        self._started = 0.0
+        gc.callbacks.append(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict) -> None:  # type: ignore[type-arg]
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.seconds += time.perf_counter() - self._started
+
+    def reset(self) -> None:
+        self.seconds = 0.0
+
+
 def profile_flow(spec, path: Path) -> None:  # type: ignore[no-untyped-def]
     """One more flow cycle and one bare cycle under cProfile: where the extra time goes."""
     import cProfile
@@ -131,6 +171,12 @@ def main() -> None:
     )
     parser.add_argument(
         "--profile", type=Path, default=None, help="cProfile one more cycle each way to FILE"
+    )
+    parser.add_argument(
+        "--no-freeze",
+        action="store_true",
+        help="do not collect and freeze the heap before each run (GC pauses then land in "
+        "whichever arm crosses the threshold)",
     )
     parser.add_argument(
         "--prefect-heartbeat",
@@ -206,30 +252,58 @@ def run_benchmark(args: argparse.Namespace, spec: Any, server_start_s: float) ->
     def show(name: str, round_no: int, seconds: float, result: dict) -> None:  # type: ignore[type-arg]
         label = "warm-up" if round_no < 0 else f"round {round_no}"
         print(
-            f"  {label:>8} {name:>8}: {seconds:6.2f} s, {result['lm_calls']} LM calls, "
+            f"  {label:>8} {name:>10}: {seconds:6.2f} s, {result['lm_calls']} LM calls, "
             f"baseline {result['baseline']:.3f} -> {result['best']:.3f}",
             flush=True,
         )
 
+    gc_clock = GCClock()
+
+    def fresh_heap() -> None:
+        import gc
+
+        if not args.no_freeze:
+            gc.collect()
+            gc.freeze()
+        gc_clock.reset()
+
+    def timed(fn: Any) -> Any:
+        def run() -> dict:  # type: ignore[type-arg]
+            out = fn(spec)
+            return {**out, "gc_s": gc_clock.seconds}
+
+        return run
+
     load_before = os.getloadavg()[0]
     samples = interleaved(
-        {"bare": lambda: bare_cycle(spec), "dspyflow": lambda: flow_cycle(spec)},
+        {
+            "bare": timed(bare_cycle),
+            "no-prefect": timed(no_prefect_cycle),
+            "dspyflow": timed(flow_cycle),
+        },
         args.repeats,
         on_run=show,
+        before_each=fresh_heap,
     )
     load_after = os.getloadavg()[0]
     bare_s, flow_s = samples["bare"].seconds, samples["dspyflow"].seconds
-    bare, through = spread(bare_s), spread(flow_s)
+    direct_s = samples["no-prefect"].seconds
+    bare, through, direct = spread(bare_s), spread(flow_s), spread(direct_s)
     ratio = float(through["median"]) / float(bare["median"])
     per_round = spread(paired_ratios(bare_s, flow_s))
+    direct_per_round = spread(paired_ratios(bare_s, direct_s))
+    extra_s = spread([f - b for b, f in zip(bare_s, flow_s, strict=True)])
+    gc_s = {name: spread([r["gc_s"] for r in s.results]) for name, s in samples.items()}
     calls = {name: [r["lm_calls"] for r in s.results] for name, s in samples.items()}
     sim = " [sim LM]" if args.lm == "sim" else ""
-    print(f"bare DSPy: {fmt(bare, ' s', 2)}")
-    print(f"dspyflow:  {fmt(through, ' s', 2)}")
+    print(f"bare DSPy:            {fmt(bare, ' s', 2)}, GC {fmt(gc_s['bare'], ' s', 3)}")
+    print(f"dspyflow, no Prefect: {fmt(direct, ' s', 2)}, GC {fmt(gc_s['no-prefect'], ' s', 3)}")
+    print(f"dspyflow:             {fmt(through, ' s', 2)}, GC {fmt(gc_s['dspyflow'], ' s', 3)}")
     print(
         f"overhead: ratio of medians {ratio:.3f}, per-round ratio {fmt(per_round)} "
-        f"(target <= 1.05); Prefect server start {server_start_s:.1f} s once per process, "
-        f"not in the ratio{sim}"
+        f"(target <= 1.05), {fmt(extra_s, ' s', 2)} per cycle; without Prefect "
+        f"{fmt(direct_per_round)}; Prefect server start {server_start_s:.1f} s once per "
+        f"process, not in the ratio{sim}"
     )
     if args.profile is not None:
         profile_flow(spec, args.profile)
@@ -247,9 +321,16 @@ def run_benchmark(args: argparse.Namespace, spec: Any, server_start_s: float) ->
                 "ratio_of_medians": round(ratio, 4),
                 "per_round_ratio": per_round,
                 "target_ratio_max": 1.05,
+                "overhead_s": extra_s,
+                "no_prefect_s": direct,
+                "no_prefect_per_round_ratio": direct_per_round,
+                "gc_s": gc_s,
+                "heap_frozen_before_each_run": not args.no_freeze,
                 "bare_runs_s": [round(t, 3) for t in bare_s],
+                "no_prefect_runs_s": [round(t, 3) for t in direct_s],
                 "flow_runs_s": [round(t, 3) for t in flow_s],
                 "lm_calls_bare": calls["bare"],
+                "lm_calls_no_prefect": calls["no-prefect"],
                 "lm_calls_flow": calls["dspyflow"],
                 "server_start_s": round(server_start_s, 2),
                 "prefect_flow_heartbeat_s": args.prefect_heartbeat,

@@ -18,7 +18,7 @@ import typer
 from rich.markup import escape
 
 from flows.cli.app import OutputFormat, app, console, fail, open_repository, user_errors
-from flows.cli.runtime import prepare_runtime, temporary_prefect_server
+from flows.cli.runtime import freeze_startup_heap, prepare_runtime, temporary_prefect_server
 
 
 @app.command()
@@ -111,6 +111,7 @@ def batch(
     from flows.optimization import optimization_batch, run_optimization_batch
 
     with user_errors(JobsFileError), temporary_prefect_server():
+        freeze_startup_heap()
         run = optimization_batch if isinstance(jobs, str) else run_optimization_batch
         summary = run(jobs, options)
     if fmt is OutputFormat.json:

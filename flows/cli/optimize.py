@@ -16,7 +16,12 @@ from rich.console import Console
 from rich.markup import escape
 
 from flows.cli.app import OutputFormat, app, console, fail, open_repository, user_errors
-from flows.cli.runtime import prepare_runtime, quiet_libraries, temporary_prefect_server
+from flows.cli.runtime import (
+    freeze_startup_heap,
+    prepare_runtime,
+    quiet_libraries,
+    temporary_prefect_server,
+)
 from tasks.cycle.spec import BudgetPreset
 
 
@@ -122,6 +127,7 @@ def optimize(
             contextlib.redirect_stdout(noise),
             temporary_prefect_server(),
         ):
+            freeze_startup_heap()
             try:
                 summary = optimization_cycle(spec, run_id=run_id)
             except Exception:
