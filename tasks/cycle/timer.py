@@ -46,6 +46,9 @@ DEFAULT_WARNING_AT = 0.8
 SAMPLE_INTERVAL_S = 1.0
 HEARTBEAT_INTERVAL_S = float(os.environ.get("DSPYFLOW_HEARTBEAT_S", "10"))
 MONITOR_TICK_S = 0.1  # how often the monitor thread looks for a due sample or heartbeat
+# The Prefect progress artifact trails the samples: each update is an API request that the
+# (often local, same-cores) Prefect server also has to serve.
+ARTIFACT_INTERVAL_S = 5.0
 # A batch flow of many cycles sets this False: one summary artifact for the batch instead
 # of a progress artifact per cycle (2-3 API calls each: 2.5x slower batches on SQLite).
 PER_CYCLE_ARTIFACTS: contextvars.ContextVar[bool] = contextvars.ContextVar(
@@ -370,6 +373,7 @@ class CycleMonitor:
         self._write_lock = threading.RLock()
         self._dirty = False
         self._last_sample = -float("inf")
+        self._last_artifact = -float("inf")
         self._last_heartbeat = time.monotonic()
         self._alerted: set[str] = set()
         self.samples_written = 0
@@ -433,7 +437,7 @@ class CycleMonitor:
                     self._dirty = False
                     self._last_sample = now
             if due and not self.lease_lost:
-                self._write_sample()
+                self._write_sample(final)
         if self.lease_lost:
             return  # the run is not ours any more: write nothing to it
         if not final and now - self._last_heartbeat >= self.heartbeat_interval_s:
@@ -465,7 +469,7 @@ class CycleMonitor:
             logger.error("%s; stopping", message)
             self._check_alerts()
 
-    def _write_sample(self) -> None:
+    def _write_sample(self, final: bool = False) -> None:
         stats = self.timer.stats()
         usage = self._usage()
         self.repo.add_progress_sample(
@@ -485,8 +489,11 @@ class CycleMonitor:
         if stats.total_iterations is not None:
             progress["total_iterations"] = stats.total_iterations
         self._heartbeat(**progress, **usage)
-        percent = 100.0 * (stats.progress or 0.0)
-        self.prefect.update_artifact(percent, self._describe(stats))
+        now = time.monotonic()
+        if final or now - self._last_artifact >= ARTIFACT_INTERVAL_S:
+            self._last_artifact = now
+            percent = 100.0 * (stats.progress or 0.0)
+            self.prefect.update_artifact(percent, self._describe(stats))
 
     def _check_alerts(self) -> None:
         self.guard.poll()  # trips on time/usage limits even between LM calls

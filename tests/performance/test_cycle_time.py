@@ -305,6 +305,45 @@ def test_a_late_sample_never_overwrites_a_newer_one(repo: Repository) -> None:
     assert all(f"dspyflow report --run {run_id[:12]}" in d for d in hooks.descriptions)
 
 
+def test_the_progress_artifact_trails_the_samples(
+    repo: Repository, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sample a second goes to the database; the Prefect progress artifact (an API
+    request the local Prefect server serves on the same cores) at most every
+    ARTIFACT_INTERVAL_S, and always with the last sample."""
+    from tasks.cycle.budget import CycleGuard
+    from tasks.optimizers.base import IterationEvent
+
+    class Hooks(cycle_timer.PrefectHooks):
+        def __init__(self) -> None:
+            super().__init__("r")
+            self.enabled, self.artifact_id, self.percents = True, "artifact", []
+
+        def update_artifact(self, percent: float, description: str) -> None:
+            self.percents.append(percent)
+
+    monkeypatch.setattr(cycle_timer, "SAMPLE_INTERVAL_S", 0.0)
+    monkeypatch.setattr(cycle_timer, "ARTIFACT_INTERVAL_S", 60.0)
+    run_id = repo.create_run(task="intent", optimizer="genetic", budget="light", lm="sim", spec={})
+    lease = repo.start_run(run_id)
+    assert lease
+    guard = CycleGuard(time_budget_s=60)
+    timer = cycle_timer.CycleTimer(60, 0.8)
+    timer.start(guard.started_at)
+    hooks = Hooks()
+    monitor = cycle_timer.CycleMonitor(
+        run_id, repo, timer, guard, usage=dict, lease=lease, prefect=hooks
+    )
+    for i in range(1, 5):
+        monitor.on_iteration(IterationEvent(iteration=i, total=5, progress=i / 5))
+        monitor._tick()
+    assert monitor.samples_written == 4
+    assert hooks.percents == [20.0]  # the first, then nothing within the interval
+    monitor.on_iteration(IterationEvent(iteration=5, total=5, progress=1.0))
+    monitor.flush()
+    assert hooks.percents == [20.0, 100.0]
+
+
 # Work that cannot fit in 2 s but whose first trial / generation ends early: on an idle
 # 2-core machine (~8 ms of DSPy work per call besides the sim's latency) MIPROv2 light needs
 # ~240 calls (~3.8 s) with its first full evaluation after ~36 (~0.6 s); the GA light ~250
