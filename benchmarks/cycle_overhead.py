@@ -85,10 +85,7 @@ def bare_cycle(spec) -> dict:  # type: ignore[no-untyped-def]
     return {"baseline": baseline, "best": best, "lm_calls": cycle_lm.usage.calls}
 
 
-def flow_cycle(spec) -> dict:  # type: ignore[no-untyped-def]
-    from flows.optimization import optimization_cycle
-
-    summary = optimization_cycle(spec)
+def _figures(summary) -> dict:  # type: ignore[no-untyped-def]
     assert summary.state == "succeeded", summary.error
     return {
         "baseline": summary.baseline_score,
@@ -96,6 +93,13 @@ def flow_cycle(spec) -> dict:  # type: ignore[no-untyped-def]
         "lm_calls": summary.lm_calls,
         "run_id": summary.run_id,
     }
+
+
+def flow_cycle(spec) -> dict:  # type: ignore[no-untyped-def]
+    from flows.optimization import optimization_cycle
+
+    summary = optimization_cycle(spec)
+    return _figures(summary)
 
 
 def no_prefect_cycle(spec) -> dict:  # type: ignore[no-untyped-def]
@@ -104,13 +108,7 @@ def no_prefect_cycle(spec) -> dict:  # type: ignore[no-untyped-def]
     from tasks.cycle.steps import run_cycle
 
     summary = run_cycle(spec, Repository())
-    assert summary.state == "succeeded", summary.error
-    return {
-        "baseline": summary.baseline_score,
-        "best": summary.best_score,
-        "lm_calls": summary.lm_calls,
-        "run_id": summary.run_id,
-    }
+    return _figures(summary)
 
 
 class GCClock:

@@ -261,11 +261,28 @@ def test_approaching_limit_detection(repo: Repository, monkeypatch: pytest.Monke
     assert events[-1][0] == "dspyflow.cycle.budget-exceeded"
 
 
+def _monitor_of_a_new_run(
+    repo: Repository, hooks: cycle_timer.PrefectHooks
+) -> tuple[str, cycle_timer.CycleMonitor]:
+    """A claimed run's monitor (60 s budget) that reports to `hooks` instead of Prefect."""
+    from tasks.cycle.budget import CycleGuard
+
+    run_id = repo.create_run(task="intent", optimizer="genetic", budget="light", lm="sim", spec={})
+    lease = repo.start_run(run_id)
+    assert lease
+    guard = CycleGuard(time_budget_s=60)
+    timer = cycle_timer.CycleTimer(60, 0.8)
+    timer.start(guard.started_at)
+    monitor = cycle_timer.CycleMonitor(
+        run_id, repo, timer, guard, usage=dict, lease=lease, prefect=hooks
+    )
+    return run_id, monitor
+
+
 def test_a_late_sample_never_overwrites_a_newer_one(repo: Repository) -> None:
     """The monitor thread and the cycle's final flush() write concurrently: the progress
     artifact of a finished run ends at 100 %, never at a sample read before it (seen in CI:
     a slow 75 % update landed after the final 100 %)."""
-    from tasks.cycle.budget import CycleGuard
     from tasks.optimizers.base import IterationEvent
 
     class SlowFirstUpdate(cycle_timer.PrefectHooks):
@@ -282,16 +299,8 @@ def test_a_late_sample_never_overwrites_a_newer_one(repo: Repository) -> None:
             self.descriptions.append(description)
 
     first_update_started = threading.Event()
-    run_id = repo.create_run(task="intent", optimizer="genetic", budget="light", lm="sim", spec={})
-    lease = repo.start_run(run_id)
-    assert lease
-    guard = CycleGuard(time_budget_s=60)
-    timer = cycle_timer.CycleTimer(60, 0.8)
-    timer.start(guard.started_at)
     hooks = SlowFirstUpdate()
-    monitor = cycle_timer.CycleMonitor(
-        run_id, repo, timer, guard, usage=dict, lease=lease, prefect=hooks
-    )
+    run_id, monitor = _monitor_of_a_new_run(repo, hooks)
     monitor.on_iteration(IterationEvent(iteration=3, total=4, progress=0.75))
     monitor_thread = threading.Thread(target=monitor._tick, kwargs={"final": True})
     monitor_thread.start()  # as the monitor thread would: writes the 75 % sample
@@ -311,7 +320,6 @@ def test_the_progress_artifact_trails_the_samples(
     """A sample a second goes to the database; the Prefect progress artifact (an API
     request the local Prefect server serves on the same cores) at most every
     ARTIFACT_INTERVAL_S, and always with the last sample."""
-    from tasks.cycle.budget import CycleGuard
     from tasks.optimizers.base import IterationEvent
 
     class Hooks(cycle_timer.PrefectHooks):
@@ -324,16 +332,8 @@ def test_the_progress_artifact_trails_the_samples(
 
     monkeypatch.setattr(cycle_timer, "SAMPLE_INTERVAL_S", 0.0)
     monkeypatch.setattr(cycle_timer, "ARTIFACT_INTERVAL_S", 60.0)
-    run_id = repo.create_run(task="intent", optimizer="genetic", budget="light", lm="sim", spec={})
-    lease = repo.start_run(run_id)
-    assert lease
-    guard = CycleGuard(time_budget_s=60)
-    timer = cycle_timer.CycleTimer(60, 0.8)
-    timer.start(guard.started_at)
     hooks = Hooks()
-    monitor = cycle_timer.CycleMonitor(
-        run_id, repo, timer, guard, usage=dict, lease=lease, prefect=hooks
-    )
+    _, monitor = _monitor_of_a_new_run(repo, hooks)
     for i in range(1, 5):
         monitor.on_iteration(IterationEvent(iteration=i, total=5, progress=i / 5))
         monitor._tick()
