@@ -374,6 +374,7 @@ class CycleMonitor:
         self._dirty = False
         self._last_sample = -float("inf")
         self._last_artifact = -float("inf")
+        self._artifact_behind = False  # a sample was written that the artifact skipped
         self._last_heartbeat = time.monotonic()
         self._alerted: set[str] = set()
         self.samples_written = 0
@@ -437,7 +438,10 @@ class CycleMonitor:
                     self._dirty = False
                     self._last_sample = now
             if due and not self.lease_lost:
-                self._write_sample(final)
+                self._write_sample()
+            artifact_due = final or now - self._last_artifact >= ARTIFACT_INTERVAL_S
+            if self._artifact_behind and artifact_due and not self.lease_lost:
+                self._publish_artifact(now)
         if self.lease_lost:
             return  # the run is not ours any more: write nothing to it
         if not final and now - self._last_heartbeat >= self.heartbeat_interval_s:
@@ -469,7 +473,7 @@ class CycleMonitor:
             logger.error("%s; stopping", message)
             self._check_alerts()
 
-    def _write_sample(self, final: bool = False) -> None:
+    def _write_sample(self) -> None:
         stats = self.timer.stats()
         usage = self._usage()
         self.repo.add_progress_sample(
@@ -489,11 +493,14 @@ class CycleMonitor:
         if stats.total_iterations is not None:
             progress["total_iterations"] = stats.total_iterations
         self._heartbeat(**progress, **usage)
-        now = time.monotonic()
-        if final or now - self._last_artifact >= ARTIFACT_INTERVAL_S:
-            self._last_artifact = now
-            percent = 100.0 * (stats.progress or 0.0)
-            self.prefect.update_artifact(percent, self._describe(stats))
+        self._artifact_behind = True
+
+    def _publish_artifact(self, now: float) -> None:
+        """Bring the Prefect progress artifact up to the latest sample."""
+        stats = self.timer.stats()
+        self._last_artifact = now
+        self._artifact_behind = False
+        self.prefect.update_artifact(100.0 * (stats.progress or 0.0), self._describe(stats))
 
     def _check_alerts(self) -> None:
         self.guard.poll()  # trips on time/usage limits even between LM calls
