@@ -311,11 +311,13 @@ def test_runs_cancel_of_one_batch_job_leaves_the_others_running(cli: Cli) -> Non
     wait_for(under_way, timeout=240, what="a batch with a cycle in flight and one queued")
     running = cli.repo.list_runs(state="running", limit=1)[0]
     # The last job in line (job i has seed i; one priority): the first in line may be
-    # claimed while the cancel command starts.
+    # claimed while the cancel command starts. Both commands start at once: one after the
+    # other doubles the time a slow machine gives the batch to claim it.
     queued = max(cli.repo.list_runs(state="queued", limit=None), key=lambda r: r.spec["seed"])
-    for target in (running, queued):
-        result = cli.run("runs", "cancel", target.id)
-        assert result.returncode == 0, result.stdout + result.stderr
+    cancels = [cli.start("runs", "cancel", target.id) for target in (running, queued)]
+    for cancel in cancels:
+        cancel_out, cancel_err = cancel.communicate(timeout=180)
+        assert cancel.returncode == 0, cancel_out + cancel_err
     out, err = proc.communicate(timeout=240)
     runs = {r.id: r for r in cli.repo.list_runs(limit=None)}
     assert (runs[queued.id].state, runs[queued.id].started_at) == ("cancelled", None)
